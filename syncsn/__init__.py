@@ -1,3 +1,25 @@
 """Synchronized Switchable, Sparse Switchable and Batch Normalization for PyTorch."""
 
+from .batchnorm import SyncBatchNorm
+from .comm import create_sync_groups
+from .switchnorm import (
+    SwitchNorm1d,
+    SwitchNorm2d,
+    SwitchNorm3d,
+    SyncSwitchNorm1d,
+    SyncSwitchNorm2d,
+    SyncSwitchNorm3d,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "SwitchNorm1d",
+    "SwitchNorm2d",
+    "SwitchNorm3d",
+    "SyncSwitchNorm1d",
+    "SyncSwitchNorm2d",
+    "SyncSwitchNorm3d",
+    "SyncBatchNorm",
+    "create_sync_groups",
+]

@@ -1,0 +1,224 @@
+"""The math of Switchable and Batch Normalization as pure functions on tensors.
+
+Shapes: ``x`` is (N, C, *S) with L = prod(S). Per-sample, per-channel ("instance") statistics
+are (N, C); per-channel statistics (C,); per-sample statistics (N,). Statistics are kept in
+``stats_dtype(x.dtype)``: float32 for float16/bfloat16 input, else the input's dtype.
+
+Nothing here communicates. The synchronized layers exchange the fixed-size "partials" these
+functions produce (one buffer per rank) and merge them with the parallel-variance formula,
+which is exact for uneven per-rank counts and stable when the mean is far larger than the
+spread.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "stats_dtype",
+    "instance_stats",
+    "layer_stats",
+    "sample_partials",
+    "merge_sample_partials",
+    "element_partials",
+    "merge_element_partials",
+    "mix",
+    "normalize",
+    "combine_grad_",
+    "update_running_stats_",
+]
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in float32 for half-precision input."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def per_sample_channel_view(t: Tensor, ndim: int) -> Tensor:
+    """(N, C) -> (N, C, 1, ...) broadcastable against an ``ndim``-dimensional input."""
+    return t.view(t.shape + (1,) * (ndim - 2))
+
+
+def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and centred sum of squares over the spatial dimensions.
+
+    Args:
+        x: (N, C, *S).
+    Returns:
+        mean (N, C) and m2 (N, C) = sum_l (x - mean)^2, in ``stats_dtype(x.dtype)``. The
+        unbiased instance variance is ``m2 / (L - 1)``.
+
+    Two passes (mean, then squares about it), which on CPU is several times faster than
+    ``torch.var_mean`` over the last dimension and as exact.
+    """
+    dims = tuple(range(2, x.dim()))
+    acc = stats_dtype(x.dtype)
+    if not dims:
+        return x.to(acc), torch.zeros(x.shape, dtype=acc, device=x.device)
+    mean = x.mean(dim=dims, dtype=acc)
+    centred = x - per_sample_channel_view(mean, x.dim())
+    m2 = centred.square_().sum(dim=dims)
+    return mean, m2
+
+
+def layer_stats(mean_in: Tensor, var_in: Tensor) -> tuple[Tensor, Tensor]:
+    """LN scope from instance statistics, in the cancellation-free form.
+
+    Args:
+        mean_in, var_in: (N, C).
+    Returns:
+        mu_ln (N,) = mean_c mean_in; var_ln (N,) = mean_c var_in + mean_c (mean_in - mu_ln)^2.
+    """
+    mu_ln = mean_in.mean(dim=1)
+    var_ln = var_in.mean(dim=1) + (mean_in - mu_ln[:, None]).square().mean(dim=1)
+    return mu_ln, var_ln
+
+
+def sample_partials(mean_in: Tensor, var_in: Tensor) -> Tensor:
+    """One rank's contribution to the SN batch scope, packed for a single collective.
+
+    Each sample counts once, whatever its spatial size. Returns a float64 (1 + 3C,) buffer:
+    [n, abar (C), M2 (C), B (C)] with abar the mean of the instance means, M2 the centred sum
+    of squares of the instance means and B the sum of the instance variances. A rank with no
+    samples contributes zeros.
+    """
+    n, c = mean_in.shape
+    a = mean_in.double()
+    if n == 0:
+        return torch.zeros(1 + 3 * c, dtype=torch.float64, device=mean_in.device)
+    abar = a.mean(dim=0)
+    m2 = (a - abar).square().sum(dim=0)
+    b = var_in.double().sum(dim=0)
+    count = torch.full((1,), float(n), dtype=torch.float64, device=mean_in.device)
+    return torch.cat([count, abar, m2, b])
+
+
+def merge_sample_partials(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge the (world, 1 + 3C) buffers of :func:`sample_partials` (Chan et al.).
+
+    Returns ``count`` (scalar, float64), ``mu_bn`` (C,) and ``var_bn`` (C,) in float64, with
+    var_bn = (sum_r B_r + sum_r [M2_r + n_r (abar_r - mu_bn)^2]) / N_tot. With no samples at
+    all, mu_bn and var_bn are 0 (the caller must not use them).
+    """
+    c = (parts.shape[1] - 1) // 3
+    n_r = parts[:, 0]
+    abar, m2, b = parts[:, 1 : 1 + c], parts[:, 1 + c : 1 + 2 * c], parts[:, 1 + 2 * c :]
+    count = n_r.sum()
+    safe = count.clamp(min=1.0)
+    mu = (n_r[:, None] * abar).sum(dim=0) / safe
+    spread = (m2 + n_r[:, None] * (abar - mu).square()).sum(dim=0)
+    var = (b.sum(dim=0) + spread) / safe
+    return count, mu, var
+
+
+def element_partials(mean_in: Tensor, m2_in: Tensor, length: int) -> Tensor:
+    """One rank's per-channel contribution to Batch Normalization (pixel-weighted).
+
+    Built from the instance statistics so the input is read once. Returns a float64
+    (1 + 2C,) buffer: [count, mean (C), M2 (C)], count = N * L.
+    """
+    n, c = mean_in.shape
+    if n == 0 or length == 0:
+        return torch.zeros(1 + 2 * c, dtype=torch.float64, device=mean_in.device)
+    a = mean_in.double()
+    mean = a.mean(dim=0)
+    m2 = m2_in.double().sum(dim=0) + length * (a - mean).square().sum(dim=0)
+    count = torch.full((1,), float(n * length), dtype=torch.float64, device=mean_in.device)
+    return torch.cat([count, mean, m2])
+
+
+def merge_element_partials(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge the (world, 1 + 2C) buffers of :func:`element_partials`.
+
+    Returns count (scalar), mean (C,) and m2 (C,) = sum of squares about the global mean,
+    all float64. The biased variance is m2 / count, the unbiased one m2 / (count - 1).
+    """
+    c = (parts.shape[1] - 1) // 2
+    n_r = parts[:, 0]
+    mean_r, m2_r = parts[:, 1 : 1 + c], parts[:, 1 + c :]
+    count = n_r.sum()
+    mean = (n_r[:, None] * mean_r).sum(dim=0) / count.clamp(min=1.0)
+    m2 = (m2_r + n_r[:, None] * (mean_r - mean).square()).sum(dim=0)
+    return count, mean, m2
+
+
+def mix(weights: Tensor, scopes: list[Tensor]) -> Tensor:
+    """sum_k weights[k] * scopes[k], the scopes broadcast to (N, C)."""
+    out = weights[0] * scopes[0]
+    for w, s in zip(weights[1:], scopes[1:], strict=True):
+        out = out + w * s
+    return out
+
+
+def normalize(x: Tensor, mean: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """y = (x - mean) * scale + bias with per-(n, c) mean/scale (N, C) and bias (C,) or None.
+
+    Subtracting before scaling keeps the output exact when the mean is far larger than the
+    spread (x * scale + shift would lose about log10(mean / std) digits). The output has x's
+    dtype and memory format.
+    """
+    y = x - per_sample_channel_view(mean, x.dim())
+    y.mul_(per_sample_channel_view(scale, x.dim()))
+    if bias is not None:
+        y.add_(bias.view((1, -1) + (1,) * (x.dim() - 2)))
+    return y.to(x.dtype)
+
+
+def combine_grad_(
+    centred: Tensor, dy: Tensor, k_dy: Tensor, k_x: Tensor, k_0: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """dx = k_dy * dy + k_x * centred + k_0, overwriting ``centred`` (= x - centre).
+
+    Every layer's input gradient has this form, with per-(n, c) coefficients (N, C). Working
+    on the centred input, not x, keeps it exact for inputs with a large mean.
+    """
+    view = lambda t: per_sample_channel_view(t, centred.dim())  # noqa: E731
+    centred.mul_(view(k_x)).add_(view(k_0)).addcmul_(dy, view(k_dy))
+    return centred.to(dtype)
+
+
+def update_running_stats_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    valid: Tensor,
+) -> None:
+    """running = (1 - momentum) * running + momentum * batch, in place, where ``valid``.
+
+    ``momentum=None`` gives the cumulative average over ``num_batches_tracked`` batches.
+    ``valid`` is a 0-d bool tensor (identical on all ranks): an empty global batch or a
+    non-finite statistic leaves every buffer, the batch counter too, untouched. Written with
+    ``torch.where`` so that no host synchronisation is needed on a GPU.
+    """
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(valid.to(num_batches_tracked.dtype))
+    if momentum is None:
+        assert num_batches_tracked is not None
+        factor = 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
+    else:
+        factor = torch.tensor(momentum, dtype=running_mean.dtype, device=running_mean.device)
+    for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
+        batch = torch.nan_to_num(batch.to(running.dtype))
+        running.copy_(torch.where(valid, running + factor * (batch - running), running))
+
+
+def check_spatial_size(length: int, layer: str) -> None:
+    """The unbiased instance variance needs at least two elements per (n, c)."""
+    if length < 2:
+        raise ValueError(
+            f"{layer}: the IN scope needs at least 2 spatial elements per channel to compute "
+            f"the unbiased instance variance, got a feature map of {length} element(s) (a 1x1 "
+            "map divides by L - 1 = 0; the reference implementation silently returns NaN). "
+            "Normalize 1x1 maps with SwitchNorm1d on the flattened (N, C) features, or with a "
+            "BatchNorm layer; or feed a larger input."
+        )
+
+
+def spatial_size(x: Tensor) -> int:
+    return math.prod(x.shape[2:])
