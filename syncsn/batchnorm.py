@@ -10,7 +10,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .function import BatchNormFunction, RunningStats, SyncSpec
+from .function import BatchNormFunction, NonFiniteWarning, RunningStats, SyncSpec
 from .switchnorm import check_input, grad_anchor
 
 __all__ = ["SyncBatchNorm"]
@@ -45,7 +45,7 @@ class SyncBatchNorm(_BatchNorm):
         )
         self.process_group = process_group
         self._sync_id = next(_ids)
-        self._warned_nonfinite = [False]
+        self._nonfinite = NonFiniteWarning(type(self).__name__)
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_input(input, self, (2, 3, 4, 5), "(N, C) or (N, C, *S) with up to 3 spatial dims")
@@ -71,7 +71,7 @@ class SyncBatchNorm(_BatchNorm):
                 self.running_var,
                 self.num_batches_tracked,
                 self.momentum,
-                self._warned_nonfinite,
+                self._nonfinite,
             )
         # Eval mode never communicates, even on batch statistics (as torch.nn.SyncBatchNorm).
         sync = SyncSpec(

@@ -25,6 +25,7 @@ from . import comm
 from . import functional as F
 
 __all__ = [
+    "NonFiniteWarning",
     "SyncSpec",
     "RunningStats",
     "SwitchNormFunction",
@@ -60,6 +61,49 @@ class SyncSpec:
         return totals
 
 
+class NonFiniteWarning:
+    """Warns once per layer when a batch had non-finite statistics.
+
+    On a GPU the flag is read a step late, through a pinned buffer and an event, so that the
+    check never stalls the device.
+    """
+
+    def __init__(self, layer: str) -> None:
+        self.layer = layer
+        self.warned = False
+        self._pending: tuple[Tensor, torch.cuda.Event] | None = None
+
+    def observe(self, finite: Tensor) -> None:
+        if self.warned:
+            return
+        if finite.device.type != "cuda":
+            if not bool(finite):
+                self._warn()
+            return
+        if self._pending is not None:
+            host, event = self._pending
+            if not event.query():
+                return
+            self._pending = None
+            if not bool(host):
+                self._warn()
+                return
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, event)
+
+    def _warn(self) -> None:
+        self.warned = True
+        warnings.warn(
+            f"{self.layer}: non-finite batch statistics (an overflowed mixed-precision step?); "
+            "the running statistics were left unchanged. Warned once per layer.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+
 @dataclass
 class RunningStats:
     """The running buffers a training forward updates in place (None: not tracked)."""
@@ -68,7 +112,7 @@ class RunningStats:
     var: Tensor | None
     num_batches_tracked: Tensor | None
     momentum: float | None
-    warned: list  # one-element flag list shared with the module, so the warning is issued once
+    nonfinite: NonFiniteWarning
 
     @property
     def tracked(self) -> bool:
@@ -86,9 +130,7 @@ def _check_batch_count(count: Tensor, local_count: int, sync: SyncSpec, what: st
         )
 
 
-def _update_running(
-    stats: RunningStats, count: Tensor, mean: Tensor, var: Tensor, layer: str
-) -> None:
+def _update_running(stats: RunningStats, count: Tensor, mean: Tensor, var: Tensor) -> None:
     """Fold the batch statistics in, unless the batch is empty or not finite (same on all ranks)."""
     if not stats.tracked or torch._C._current_graph_task_id() != -1:
         # Inside a backward pass: this is torch.utils.checkpoint recomputing the forward,
@@ -99,31 +141,36 @@ def _update_running(
     F.update_running_stats_(
         stats.mean, stats.var, stats.num_batches_tracked, stats.momentum, mean, var, valid
     )
-    if not stats.warned[0] and mean.device.type == "cpu" and not bool(finite):
-        stats.warned[0] = True
-        warnings.warn(
-            f"{layer}: non-finite batch statistics (an overflowed mixed-precision step?); "
-            "the running statistics were left unchanged. Warned once per layer.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    stats.nonfinite.observe(finite)
 
 
 def _reduce_over_spatial(centred: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) S1 = sum dy and S2c = sum dy * (x - centre), in the centred dtype."""
+    """Per-(n, c) S1 = sum dy and S2c = sum dy * (x - centre), in float64 (N, C)."""
     dims = tuple(range(2, dy.dim()))
     if not dims:  # (N, C) input: nothing to reduce (and sum(dim=()) would sum everything)
-        return dy.to(centred.dtype), centred * dy
-    s1 = dy.sum(dim=dims, dtype=centred.dtype)
-    s2c = (centred * dy).sum(dim=dims)
+        return dy.double(), (centred * dy).double()
+    s1 = dy.sum(dim=dims, dtype=centred.dtype).double()
+    s2c = (centred * dy).sum(dim=dims).double()
     return s1, s2c
+
+
+def _simplex64(w: Tensor) -> Tensor:
+    """Mixing weights in float64, renormalised: float32 softmax weights sum to 1 only within
+    ~1e-7, which shifts a mean of 1e4 by 1e-3 (more than a std-1 input tolerates)."""
+    w = w.double()
+    return w / w.sum()
+
+
+def _centred(x: Tensor, centre: Tensor) -> Tensor:
+    return x - F.per_sample_channel_view(centre, x.dim())
 
 
 class SwitchNormFunction(torch.autograd.Function):
     """Switchable Normalization for (N, C, *S) input, scopes (IN, LN[, BN]).
 
     Inputs: x (N, C, *S); w, v the mixing weights (K,) for means and variances (K = 3, or 2
-    without the BN scope); weight, bias (C,) or None; then non-tensor settings.
+    without the BN scope); weight, bias (C,) or None; then non-tensor settings. The (N, C)
+    statistics are float64 (see :func:`syncsn.functional.instance_stats`).
     """
 
     @staticmethod
@@ -140,10 +187,10 @@ class SwitchNormFunction(torch.autograd.Function):
         sync: SyncSpec,
         grad_anchor: Tensor | None,
     ) -> Tensor:
-        n, c = x.shape[:2]
+        n = x.shape[0]
         length = F.spatial_size(x)
         use_bn = w.numel() == 3
-        mean_in, m2_in = F.instance_stats(x)
+        centre, mean_in, m2_in = F.instance_stats(x)
         var_in = m2_in / (length - 1)
         mu_ln, var_ln = F.layer_stats(mean_in, var_in)
         means, vars_ = [mean_in, mu_ln[:, None]], [var_in, var_ln[:, None]]
@@ -155,33 +202,22 @@ class SwitchNormFunction(torch.autograd.Function):
             count, mu_bn, var_bn = F.merge_sample_partials(parts)
             _check_batch_count(count, n, sync, "sample")
             if stats is not None:
-                _update_running(stats, count, mu_bn, var_bn, sync.layer)
-            mu_bn, var_bn = mu_bn.to(mean_in.dtype), var_bn.to(mean_in.dtype)
+                _update_running(stats, count, mu_bn, var_bn)
         elif use_bn:
-            mu_bn, var_bn = stats.mean.to(mean_in.dtype), stats.var.to(mean_in.dtype)
+            mu_bn, var_bn = stats.mean.double(), stats.var.double()
         if use_bn:
             means.append(mu_bn[None, :])
             vars_.append(var_bn[None, :])
 
-        mu = F.mix(w, means)
-        var = F.mix(v, vars_)
+        mu = F.mix(_simplex64(w), means)
+        var = F.mix(_simplex64(v), vars_)
         r = torch.rsqrt(var + eps)
-        scale = r if weight is None else r * weight
+        scale = r if weight is None else r * weight.double()
         y = F.normalize(x, mu, scale, bias)
 
+        bn = [mu_bn, var_bn] if use_bn else []
         ctx.save_for_backward(
-            x,
-            w,
-            v,
-            weight,
-            mean_in,
-            var_in,
-            mu,
-            var,
-            r,
-            mu_ln,
-            var_ln,
-            *([mu_bn, var_bn] if use_bn else []),
+            x, w, v, weight, centre, mean_in, var_in, mu, var, r, mu_ln, var_ln, *bn
         )
         ctx.batch_synced = batch_synced
         ctx.count = count
@@ -190,39 +226,42 @@ class SwitchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, w, v, weight, a, var_in, mu, var, r, mu_ln, var_ln, *bn = ctx.saved_tensors
-        n, c = x.shape[:2]
+        x, w, v, weight, centre, a, var_in, mu, var, r, mu_ln, var_ln, *bn = ctx.saved_tensors
+        c = x.shape[1]
         length = F.spatial_size(x)
-        gamma = r.new_ones(()) if weight is None else weight.to(r.dtype)
+        gamma = r.new_ones(()) if weight is None else weight.double()
+        w64, v64 = _simplex64(w), _simplex64(v)
 
-        centred = x - F.per_sample_channel_view(a, x.dim())
+        centred = _centred(x, centre)
         s1, s2c = _reduce_over_spatial(centred, dy)
-        s2_about_mu = s2c + (a - mu) * s1  # sum dy * (x - mu), without cancellation
+        s2_about_mu = s2c + (centre.double() - mu) * s1  # sum dy * (x - mu), no cancellation
         g_mu = -r * gamma * s1
         g_var = -0.5 * r.pow(3) * gamma * s2_about_mu
 
         # IN scope.
-        g_a = w[0] * g_mu
-        g_b = v[0] * g_var
+        g_a = w64[0] * g_mu
+        g_b = v64[0] * g_var
         # LN scope: per sample, over channels.
-        m_n = w[1] * g_mu.sum(dim=1, keepdim=True)
-        v_n = v[1] * g_var.sum(dim=1, keepdim=True)
+        m_n = w64[1] * g_mu.sum(dim=1, keepdim=True)
+        v_n = v64[1] * g_var.sum(dim=1, keepdim=True)
         g_a = g_a + m_n / c + v_n * 2 * (a - mu_ln[:, None]) / c
         g_b = g_b + v_n / c
         # BN scope: per channel, over the samples of every rank: the backward collective.
         if ctx.batch_synced:
             mu_bn = bn[0]
-            totals = torch.cat([w[2] * g_mu.sum(dim=0), v[2] * g_var.sum(dim=0)])
+            totals = torch.cat([w64[2] * g_mu.sum(dim=0), v64[2] * g_var.sum(dim=0)])
             ctx.sync.all_reduce_(totals)
             m_c, v_c = totals[:c], totals[c:]
-            count = ctx.count.clamp(min=1).to(r.dtype)
+            count = ctx.count.clamp(min=1)
             g_a = g_a + m_c / count + v_c * 2 * (a - mu_bn) / count
             g_b = g_b + v_c / count
 
         dx = None
         if ctx.needs_input_grad[0]:
+            # d var_in / dx = 2 (x - a) / (L - 1) with x - a = (x - centre) + (centre - a).
             k_x = 2 * g_b / (length - 1)
-            dx = F.combine_grad_(centred, dy, gamma * r, k_x, g_a / length, x.dtype)
+            k_0 = g_a / length + k_x * (centre.double() - a)
+            dx = F.combine_grad_(centred, dy, gamma * r, k_x, k_0, x.dtype)
 
         scope_means = [a, mu_ln[:, None]] + ([bn[0][None, :]] if bn else [])
         scope_vars = [var_in, var_ln[:, None]] + ([bn[1][None, :]] if bn else [])
@@ -239,7 +278,7 @@ class SwitchNorm1dFunction(torch.autograd.Function):
     """Switchable Normalization for (N, C) input: scopes (LN[, BN]), both unbiased variances.
 
     LN: over the C features of a sample (divides by C - 1); BN: over the N samples of all
-    ranks (divides by N_tot - 1).
+    ranks (divides by N_tot - 1). The input is small, so everything is computed in float64.
     """
 
     @staticmethod
@@ -256,9 +295,10 @@ class SwitchNorm1dFunction(torch.autograd.Function):
         sync: SyncSpec,
         grad_anchor: Tensor | None,
     ) -> Tensor:
-        n, c = x.shape
+        n = x.shape[0]
+        c = x.shape[1]
         use_bn = w.numel() == 2
-        xs = x.to(F.stats_dtype(x.dtype))
+        xs = x.double()
         mu_ln = xs.mean(dim=1)
         var_ln = (xs - mu_ln[:, None]).square().sum(dim=1) / (c - 1)
         means, vars_ = [mu_ln[:, None]], [var_ln[:, None]]
@@ -266,29 +306,26 @@ class SwitchNorm1dFunction(torch.autograd.Function):
         count = None
         batch_synced = use_bn and training
         if batch_synced:
-            zeros = torch.zeros_like(xs)
-            parts = sync.gather(F.element_partials(xs, zeros, 1))
+            parts = sync.gather(F.element_partials(xs, torch.zeros_like(xs), 1))
             count, mu_bn, m2 = F.merge_element_partials(parts)
             _check_batch_count(count, n, sync, "sample")
             var_bn = m2 / (count - 1).clamp(min=1)
             if stats is not None:
-                _update_running(stats, count, mu_bn, var_bn, sync.layer)
-            mu_bn, var_bn = mu_bn.to(xs.dtype), var_bn.to(xs.dtype)
+                _update_running(stats, count, mu_bn, var_bn)
         elif use_bn:
-            mu_bn, var_bn = stats.mean.to(xs.dtype), stats.var.to(xs.dtype)
+            mu_bn, var_bn = stats.mean.double(), stats.var.double()
         if use_bn:
             means.append(mu_bn[None, :])
             vars_.append(var_bn[None, :])
 
-        mu = F.mix(w, means)
-        var = F.mix(v, vars_)
+        mu = F.mix(_simplex64(w), means)
+        var = F.mix(_simplex64(v), vars_)
         r = torch.rsqrt(var + eps)
-        scale = r if weight is None else r * weight
+        scale = r if weight is None else r * weight.double()
         y = F.normalize(x, mu, scale, bias)
 
-        ctx.save_for_backward(
-            x, w, v, weight, mu, var, r, mu_ln, var_ln, *([mu_bn, var_bn] if use_bn else [])
-        )
+        bn = [mu_bn, var_bn] if use_bn else []
+        ctx.save_for_backward(x, w, v, weight, mu, var, r, mu_ln, var_ln, *bn)
         ctx.batch_synced = batch_synced
         ctx.count = count
         ctx.sync = sync
@@ -297,28 +334,26 @@ class SwitchNorm1dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, w, v, weight, mu, var, r, mu_ln, var_ln, *bn = ctx.saved_tensors
-        n, c = x.shape
-        gamma = r.new_ones(()) if weight is None else weight.to(r.dtype)
-        dys = dy.to(r.dtype)
-        centred = x.to(r.dtype) - mu
+        c = x.shape[1]
+        gamma = r.new_ones(()) if weight is None else weight.double()
+        w64, v64 = _simplex64(w), _simplex64(v)
+        xs, dys = x.double(), dy.double()
+        centred = xs - mu
         g_mu = -r * gamma * dys
         g_var = -0.5 * r.pow(3) * gamma * dys * centred
 
-        k_dy = gamma * r
         # LN scope: per sample, over features.
-        m_n = w[0] * g_mu.sum(dim=1, keepdim=True)
-        v_n = v[0] * g_var.sum(dim=1, keepdim=True)
-        dx = k_dy * dys + m_n / c + v_n * 2 * (x - mu_ln[:, None]) / (c - 1)
+        m_n = w64[0] * g_mu.sum(dim=1, keepdim=True)
+        v_n = v64[0] * g_var.sum(dim=1, keepdim=True)
+        dx = gamma * r * dys + m_n / c + v_n * 2 * (xs - mu_ln[:, None]) / (c - 1)
+        # BN scope: per feature, over the samples of every rank: the backward collective.
         if ctx.batch_synced:
             mu_bn = bn[0]
-            totals = torch.cat([w[1] * g_mu.sum(dim=0), v[1] * g_var.sum(dim=0)])
+            totals = torch.cat([w64[1] * g_mu.sum(dim=0), v64[1] * g_var.sum(dim=0)])
             ctx.sync.all_reduce_(totals)
-            count = ctx.count.to(r.dtype)
-            dx = (
-                dx
-                + totals[:c] / count.clamp(min=1)
-                + totals[c:] * 2 * (x - mu_bn) / (count - 1).clamp(min=1)
-            )
+            count = ctx.count
+            dx = dx + totals[:c] / count.clamp(min=1)
+            dx = dx + totals[c:] * 2 * (xs - mu_bn) / (count - 1).clamp(min=1)
 
         scope_means = [mu_ln[:, None]] + ([bn[0][None, :]] if bn else [])
         scope_vars = [var_ln[:, None]] + ([bn[1][None, :]] if bn else [])
@@ -352,43 +387,52 @@ class BatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         n, c = x.shape[:2]
         length = F.spatial_size(x)
-        mean_in, m2_in = F.instance_stats(x)
+        _, mean_in, m2_in = F.instance_stats(x)
         parts = sync.gather(F.element_partials(mean_in, m2_in, length))
-        count, mean64, m2 = F.merge_element_partials(parts)
+        count, mean, m2 = F.merge_element_partials(parts)
         _check_batch_count(count, n * length, sync, "value")
         if stats is not None:
-            _update_running(stats, count, mean64, m2 / (count - 1).clamp(min=1), sync.layer)
-        mean = mean64.to(mean_in.dtype)
-        invstd = torch.rsqrt((m2 / count.clamp(min=1)).to(mean_in.dtype) + eps)
-        scale = invstd if weight is None else invstd * weight
+            _update_running(stats, count, mean, m2 / (count - 1).clamp(min=1))
+        invstd = torch.rsqrt(m2 / count.clamp(min=1) + eps)
+        scale = invstd if weight is None else invstd * weight.double()
         y = F.normalize(x, mean.expand(n, c), scale.expand(n, c), bias)
 
-        ctx.save_for_backward(x, weight, mean, invstd)
+        # The backward pass centres on the float32 global mean; its rounding is accounted for.
+        centre = mean.to(F.stats_dtype(x.dtype))
+        ctx.save_for_backward(x, weight, centre, mean, invstd)
         ctx.count = count
         ctx.sync = sync
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, centre, mean, invstd = ctx.saved_tensors
         n, c = x.shape[:2]
-        gamma = invstd.new_ones(()) if weight is None else weight.to(invstd.dtype)
+        gamma = invstd.new_ones(()) if weight is None else weight.double()
 
-        centred = x - mean.view((1, c) + (1,) * (x.dim() - 2))
+        centred = _centred(x, centre.expand(n, c))
         s1, s2c = _reduce_over_spatial(centred, dy)
-        local = torch.cat([s1.sum(dim=0), s2c.sum(dim=0)])
+        sum_dy = s1.sum(dim=0)
+        sum_dy_xmu = s2c.sum(dim=0) + (centre.double() - mean) * sum_dy
+        local = torch.cat([sum_dy, sum_dy_xmu])
         dweight = dbias = None
         if weight is not None:
-            dweight = (local[c:] * invstd).to(weight.dtype)
-            dbias = local[:c].to(weight.dtype)
+            dweight = (sum_dy_xmu * invstd).to(weight.dtype)
+            dbias = sum_dy.to(weight.dtype)
         totals = ctx.sync.all_reduce_(local.clone())
-        count = ctx.count.clamp(min=1).to(invstd.dtype)
+        count = ctx.count.clamp(min=1)
         sum_dy, sum_dy_xmu = totals[:c], totals[c:]
 
         dx = None
         if ctx.needs_input_grad[0]:
-            k_dy = (gamma * invstd).expand(n, c)
-            k_x = (-gamma * invstd.pow(3) * sum_dy_xmu / count).expand(n, c)
-            k_0 = (-gamma * invstd * sum_dy / count).expand(n, c)
-            dx = F.combine_grad_(centred, dy, k_dy, k_x, k_0, x.dtype)
+            k_x = -gamma * invstd.pow(3) * sum_dy_xmu / count
+            k_0 = -gamma * invstd * sum_dy / count + k_x * (centre.double() - mean)
+            dx = F.combine_grad_(
+                centred,
+                dy,
+                (gamma * invstd).expand(n, c),
+                k_x.expand(n, c),
+                k_0.expand(n, c),
+                x.dtype,
+            )
         return dx, dweight, dbias, None, None, None, None

@@ -13,7 +13,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as F
-from .function import RunningStats, SwitchNorm1dFunction, SwitchNormFunction, SyncSpec
+from .function import (
+    NonFiniteWarning,
+    RunningStats,
+    SwitchNorm1dFunction,
+    SwitchNormFunction,
+    SyncSpec,
+)
 
 __all__ = [
     "SwitchNorm1d",
@@ -74,7 +80,6 @@ class _SwitchNorm(nn.Module):
     _ndims: tuple[int, ...]
     _layout: str
     scopes: tuple[str, ...]
-    _distributed = False
 
     def __init__(
         self,
@@ -120,7 +125,7 @@ class _SwitchNorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        self._warned_nonfinite = [False]
+        self._nonfinite = NonFiniteWarning(type(self).__name__)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -157,7 +162,7 @@ class _SwitchNorm(nn.Module):
             self.running_var,
             self.num_batches_tracked,
             momentum,
-            self._warned_nonfinite,
+            self._nonfinite,
         )
 
     def _sync_spec(self) -> SyncSpec:
@@ -250,7 +255,6 @@ class _SyncMixin:
     all_reduce in backward (training only); nothing in eval or without a process group.
     """
 
-    _distributed = True
 
     def __init__(self, *args, process_group: dist.ProcessGroup | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
