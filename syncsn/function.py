@@ -190,7 +190,7 @@ class SwitchNormFunction(torch.autograd.Function):
         n = x.shape[0]
         length = F.spatial_size(x)
         use_bn = w.numel() == 3
-        centre, mean_in, m2_in = F.instance_stats(x)
+        centred, centre, mean_in, m2_in = F.instance_stats(x)
         var_in = m2_in / (length - 1)
         mu_ln, var_ln = F.layer_stats(mean_in, var_in)
         means, vars_ = [mean_in, mu_ln[:, None]], [var_in, var_ln[:, None]]
@@ -213,7 +213,7 @@ class SwitchNormFunction(torch.autograd.Function):
         var = F.mix(_simplex64(v), vars_)
         r = torch.rsqrt(var + eps)
         scale = r if weight is None else r * weight.double()
-        y = F.normalize(x, mu, scale, bias)
+        y = F.normalize_(centred, centre, mu, scale, bias, x.dtype)
 
         bn = [mu_bn, var_bn] if use_bn else []
         ctx.save_for_backward(
@@ -322,7 +322,10 @@ class SwitchNorm1dFunction(torch.autograd.Function):
         var = F.mix(_simplex64(v), vars_)
         r = torch.rsqrt(var + eps)
         scale = r if weight is None else r * weight.double()
-        y = F.normalize(x, mu, scale, bias)
+        y = (xs - mu) * scale
+        if bias is not None:
+            y = y + bias.double()
+        y = y.to(x.dtype)
 
         bn = [mu_bn, var_bn] if use_bn else []
         ctx.save_for_backward(x, w, v, weight, mu, var, r, mu_ln, var_ln, *bn)
@@ -387,7 +390,7 @@ class BatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         n, c = x.shape[:2]
         length = F.spatial_size(x)
-        _, mean_in, m2_in = F.instance_stats(x)
+        centred, centre_in, mean_in, m2_in = F.instance_stats(x)
         parts = sync.gather(F.element_partials(mean_in, m2_in, length))
         count, mean, m2 = F.merge_element_partials(parts)
         _check_batch_count(count, n * length, sync, "value")
@@ -395,7 +398,7 @@ class BatchNormFunction(torch.autograd.Function):
             _update_running(stats, count, mean, m2 / (count - 1).clamp(min=1))
         invstd = torch.rsqrt(m2 / count.clamp(min=1) + eps)
         scale = invstd if weight is None else invstd * weight.double()
-        y = F.normalize(x, mean.expand(n, c), scale.expand(n, c), bias)
+        y = F.normalize_(centred, centre_in, mean.expand(n, c), scale.expand(n, c), bias, x.dtype)
 
         # The backward pass centres on the float32 global mean; its rounding is accounted for.
         centre = mean.to(F.stats_dtype(x.dtype))
