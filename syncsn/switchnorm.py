@@ -255,7 +255,6 @@ class _SyncMixin:
     all_reduce in backward (training only); nothing in eval or without a process group.
     """
 
-
     def __init__(self, *args, process_group: dist.ProcessGroup | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.process_group = process_group

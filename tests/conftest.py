@@ -1,0 +1,16 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dist_world import DistWorld  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Four gloo ranks for the whole module; ``subgroup(k)`` gives worlds of 1 to 4."""
+    w = DistWorld(4)
+    yield w
+    w.close()
