@@ -2,6 +2,8 @@
 
 from .batchnorm import SyncBatchNorm
 from .comm import create_sync_groups
+from .optim import param_groups
+from .sparsemax import is_one_hot, sparsemax, sparsestmax
 from .switchnorm import (
     SwitchNorm1d,
     SwitchNorm2d,
@@ -22,4 +24,8 @@ __all__ = [
     "SyncSwitchNorm3d",
     "SyncBatchNorm",
     "create_sync_groups",
+    "sparsemax",
+    "sparsestmax",
+    "is_one_hot",
+    "param_groups",
 ]

@@ -207,7 +207,9 @@ def test_sync_switchnorm_with_different_spatial_sizes_per_rank(world, dtype):
             assert rel_err(res["y"][j], outs[i]) <= tol
             assert rel_err(res["dx"][j], dparams[4 + i]) <= tol
             i += 1
-    for name, ref in zip(["dweight", "dbias", "dmean_weight", "dvar_weight"], dparams[:4], strict=True):
+    for name, ref in zip(
+        ["dweight", "dbias", "dmean_weight", "dvar_weight"], dparams[:4], strict=True
+    ):
         assert rel_err(sum(res[name] for res in results), ref) <= tol, name
     momentum = 0.1
     assert rel_err(results[0]["running_mean"], momentum * mu_bn.detach()) <= tol
