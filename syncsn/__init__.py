@@ -1,7 +1,7 @@
 """Synchronized Switchable, Sparse Switchable and Batch Normalization for PyTorch."""
 
 from .batchnorm import SyncBatchNorm
-from .comm import create_sync_groups
+from .comm import create_sync_groups, name_sync_layers
 from .optim import param_groups
 from .sparsemax import is_one_hot, sparsemax, sparsestmax
 from .switchnorm import (
@@ -24,6 +24,7 @@ __all__ = [
     "SyncSwitchNorm3d",
     "SyncBatchNorm",
     "create_sync_groups",
+    "name_sync_layers",
     "sparsemax",
     "sparsestmax",
     "is_one_hot",

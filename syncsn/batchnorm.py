@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as TF
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import comm
 from .function import BatchNormFunction, NonFiniteWarning, RunningStats, SyncSpec
 from .switchnorm import check_input, grad_anchor
 
 __all__ = ["SyncBatchNorm"]
-
-_ids = itertools.count()
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -44,7 +41,7 @@ class SyncBatchNorm(_BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.process_group = process_group
-        self._sync_id = next(_ids)
+        self._sync_id = comm.next_layer_id()
         self._nonfinite = NonFiniteWarning(type(self).__name__)
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -76,7 +73,8 @@ class SyncBatchNorm(_BatchNorm):
         # Eval mode never communicates, even on batch statistics (as torch.nn.SyncBatchNorm).
         sync = SyncSpec(
             self.process_group,
-            f"SyncBatchNorm({self.num_features}) #{self._sync_id}",
+            f"SyncBatchNorm({self.num_features})",
+            getattr(self, "sync_name", self._sync_id),
             distributed=self.training,
         )
         return BatchNormFunction.apply(

@@ -7,6 +7,7 @@ pass and one ``all_reduce`` of ``2 * C`` values in the backward pass.
 
 from __future__ import annotations
 
+import itertools
 import os
 import zlib
 
@@ -21,10 +22,14 @@ __all__ = [
     "create_sync_groups",
     "debug_enabled",
     "check_same_layer",
+    "next_layer_id",
+    "name_sync_layers",
 ]
 
 # torch renamed all_gather_into_tensor to all_gather_single; keep working on both.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+_layer_ids = itertools.count()
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -85,18 +90,41 @@ def debug_enabled() -> bool:
     return os.environ.get("SYNCSN_DEBUG", "0") not in ("", "0")
 
 
+def next_layer_id() -> int:
+    """Creation number of a Sync layer in this process (its identity for SYNCSN_DEBUG)."""
+    return next(_layer_ids)
+
+
+def name_sync_layers(model: torch.nn.Module, prefix: str = "") -> torch.nn.Module:
+    """Give every Sync layer in ``model`` its qualified name as identity for SYNCSN_DEBUG.
+
+    Unnamed layers are identified by their creation number, which differs between ranks when
+    one rank built extra Sync layers (an evaluation copy of the model, say). The converters
+    name the layers of the model they return.
+    """
+    for name, module in model.named_modules(prefix=prefix):
+        if hasattr(module, "_sync_id"):
+            module.sync_name = name or type(module).__name__
+    return model
+
+
 def check_same_layer(
-    description: str, group: dist.ProcessGroup | None, device: torch.device
+    description: str, identity: int | str, group: dist.ProcessGroup | None, device: torch.device
 ) -> None:
     """Raise on every rank when the ranks are not running the same layer.
 
     Costs one extra small collective, so it runs only with ``SYNCSN_DEBUG=1``. Without it, a
     layer with a different channel count on one rank hangs or fails inside the statistics
-    collective, and layers called in a different order silently mix statistics.
+    collective, and layers called in a different order silently mix statistics. A layer is
+    identified by its description and its name (see :func:`name_sync_layers`) or, unnamed,
+    its creation number.
     """
     if group_size(group) == 1:
         return
-    fingerprint = zlib.crc32(description.encode())
+    layer = (
+        f"{description} '{identity}'" if isinstance(identity, str) else f"{description} #{identity}"
+    )
+    fingerprint = zlib.crc32(layer.encode())
     # Two halves so the 32-bit checksum is exact in float64 on every backend.
     mine = torch.tensor(
         [fingerprint >> 16, fingerprint & 0xFFFF], dtype=torch.float64, device=device
@@ -106,7 +134,9 @@ def check_same_layer(
         prints = [int(a) << 16 | int(b) for a, b in everyone.tolist()]
         raise RuntimeError(
             f"SYNCSN_DEBUG: ranks disagree on the layer being synchronized. This rank "
-            f"({dist.get_rank()}) runs {description}; layer fingerprints per rank: {prints}. "
-            "Every rank of the process group must call the same Sync layers in the same order "
-            "with the same num_features."
+            f"({dist.get_rank()}) runs {layer}; layer fingerprints per rank: {prints}. Every "
+            "rank of the process group must call the same Sync layers in the same order with "
+            "the same num_features. (Unnamed layers are told apart by creation number '#k'; "
+            "if ranks build different numbers of Sync layers, name them with "
+            "syncsn.name_sync_layers(model).)"
         )

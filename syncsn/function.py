@@ -40,6 +40,7 @@ class SyncSpec:
 
     group: dist.ProcessGroup | None
     layer: str
+    identity: int | str = -1  # name or creation number, for SYNCSN_DEBUG
     distributed: bool = True  # False for the local layers, which never communicate
 
     @property
@@ -51,7 +52,7 @@ class SyncSpec:
         if not self.active:
             return local.unsqueeze(0)
         if comm.debug_enabled():
-            comm.check_same_layer(f"{self.layer} K={local.numel()}", self.group, local.device)
+            comm.check_same_layer(self.layer, self.identity, self.group, local.device)
         return comm.all_gather_stacked(local, self.group)
 
     def all_reduce_(self, totals: Tensor) -> Tensor:

@@ -6,12 +6,11 @@ The modules hold parameters and buffers and check their input; the math is in
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import comm
 from . import functional as F
 from .function import (
     NonFiniteWarning,
@@ -29,10 +28,6 @@ __all__ = [
     "SyncSwitchNorm2d",
     "SyncSwitchNorm3d",
 ]
-
-# Sync layers are numbered in creation order; with SYNCSN_DEBUG=1 the number is part of the
-# fingerprint the ranks compare, so layers called in a different order are caught.
-_sync_layer_ids = itertools.count()
 
 
 def check_input(x: Tensor, layer: nn.Module, ndims: tuple[int, ...], layout: str) -> None:
@@ -171,9 +166,14 @@ class _SwitchNorm(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         check_input(x, self, self._ndims, self._layout)
 
+    def _forward_weights(self) -> tuple[Tensor, Tensor]:
+        """The weights handed to the Function: :meth:`mixing_weights`, or (K - 1,) vectors
+        without the last (BN) scope when a subclass knows that scope is unused."""
+        return self.mixing_weights()
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        w, v = self.mixing_weights()
+        w, v = self._forward_weights()
         sync = self._sync_spec()
         return self._function.apply(
             x,
@@ -258,11 +258,13 @@ class _SyncMixin:
     def __init__(self, *args, process_group: dist.ProcessGroup | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.process_group = process_group
-        self._sync_id = next(_sync_layer_ids)
+        self._sync_id = comm.next_layer_id()
 
     def _sync_spec(self) -> SyncSpec:
         return SyncSpec(
-            self.process_group, f"{type(self).__name__}({self.num_features}) #{self._sync_id}"
+            self.process_group,
+            f"{type(self).__name__}({self.num_features})",
+            getattr(self, "sync_name", self._sync_id),
         )
 
 

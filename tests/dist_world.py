@@ -60,6 +60,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     )
     for k in range(1, world_size + 1):
         _groups[k] = dist.new_group(list(range(k)))
+    results.put((rank, True, "ready"))
     while True:
         task = tasks.get()
         if task is None:
@@ -76,8 +77,9 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 
 
 class DistWorld:
-    def __init__(self, world_size: int = 4) -> None:
+    def __init__(self, world_size: int = 4, startup_timeout: float = 180.0) -> None:
         self.world_size = world_size
+        self.startup_timeout = startup_timeout
         self._procs: list = []
 
     def _start(self) -> None:
@@ -95,6 +97,17 @@ class DistWorld:
         ]
         for p in self._procs:
             p.start()
+        # Start-up (importing torch, forming the group) is slow on a busy machine and is not
+        # part of any case's time limit.
+        for _ in range(self.world_size):
+            try:
+                self._results.get(timeout=self.startup_timeout)
+            except queue.Empty:
+                self.close()
+                raise TimeoutError(
+                    f"the {self.world_size}-rank gloo world did not start within "
+                    f"{self.startup_timeout}s"
+                ) from None
 
     def run(self, fn, *args, timeout: float = 60.0) -> list:
         """Run ``fn(rank, *args)`` on every rank; return the results in rank order."""

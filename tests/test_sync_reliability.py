@@ -1,0 +1,389 @@
+"""Faults and corner cases of the synchronized layers (SPEC section 6) on a 4-rank gloo world.
+
+Every case runs on all four ranks as two independent pairs, {0, 1} and {2, 3}, made by
+``create_sync_groups(2)``: each pair plays the scenario on its own data (often with the roles
+of its two ranks swapped), so every case also checks that the pairs do not synchronize with
+each other. A case that must raise catches the error on every rank and returns it, so the
+parent sees what each rank raised and the world stays usable; a case that hangs fails by its
+timeout instead of blocking the run.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_sync import compare_to_concatenated, layer_results, make_batch, randomize_, rel_err
+from torch.utils.checkpoint import checkpoint
+
+import syncsn
+
+pytestmark = pytest.mark.timeout(120)
+
+CASE_TIMEOUT = 30.0  # seconds for one case on the world; every case here takes well under 1 s
+C = 3
+# kind -> (Sync layer, local layer on the concatenated batch, spatial shape of one sample)
+KINDS = {
+    "sn1d": (syncsn.SyncSwitchNorm1d, syncsn.SwitchNorm1d, ()),
+    "sn2d": (syncsn.SyncSwitchNorm2d, syncsn.SwitchNorm2d, (4, 3)),
+    "sn3d": (syncsn.SyncSwitchNorm3d, syncsn.SwitchNorm3d, (2, 2, 3)),
+    "bn": (syncsn.SyncBatchNorm, torch.nn.BatchNorm2d, (4, 3)),
+}
+
+_pair_group: list = []
+
+
+def pair(rank: int) -> tuple[dist.ProcessGroup, int, int]:
+    """This rank's pair group, the pair's index (0 or 1) and the rank's index in its pair.
+
+    Created on first use, which is a case that every rank runs, as group creation needs.
+    """
+    if not _pair_group:
+        _pair_group.append(syncsn.create_sync_groups(2))
+    return _pair_group[0], rank // 2, rank % 2
+
+
+def sync_layer(kind: str, group: dist.ProcessGroup, num_features: int = C, **kw):
+    return KINDS[kind][0](num_features, process_group=group, **kw).double()
+
+
+def buffers(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in layer.named_buffers()}
+
+
+@contextmanager
+def debug_switch(value: str = "1"):
+    """SYNCSN_DEBUG set for the block, restored afterwards (the world's processes are reused)."""
+    old = os.environ.get("SYNCSN_DEBUG")
+    os.environ["SYNCSN_DEBUG"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SYNCSN_DEBUG"]
+        else:
+            os.environ["SYNCSN_DEBUG"] = old
+
+
+def assert_pairs_agree(results: list, key) -> None:
+    """Within each pair, ``key(result)`` is identical (bitwise) on both ranks."""
+    for p in (0, 1):
+        a, b = key(results[2 * p]), key(results[2 * p + 1])
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (p, name)
+
+
+# -- empty global batch ------------------------------------------------------------------------
+
+
+def _empty_case(rank, kind):
+    group, _, _ = pair(rank)
+    layer = sync_layer(kind, group)
+    randomize_(layer, 1)
+    with torch.no_grad():  # non-trivial running statistics, the same on every rank
+        layer.running_mean.copy_(torch.linspace(-1, 1, C))
+        layer.running_var.copy_(torch.linspace(0.5, 2, C))
+        layer.num_batches_tracked.fill_(7)
+    before = buffers(layer)
+    x = torch.zeros(0, C, *KINDS[kind][2], dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    after = buffers(layer)
+    return {"y": y.detach(), "dx": x.grad, "grads": grads, "before": before, "after": after}
+
+
+@pytest.mark.parametrize("kind", ["sn1d", "sn2d", "sn3d", "bn"])
+def test_all_ranks_empty_gives_empty_output_and_leaves_running_stats(world, kind):
+    for res in world.run(_empty_case, kind, timeout=CASE_TIMEOUT):
+        assert res["y"].shape == (0, C, *KINDS[kind][2])
+        assert res["dx"] is not None and res["dx"].shape == res["y"].shape
+        for name, b in res["before"].items():
+            assert torch.equal(res["after"][name], b), name  # num_batches_tracked too
+        for name, g in res["grads"].items():
+            # The loss is an empty sum: every parameter gradient is exactly zero, not NaN.
+            assert g is not None and torch.equal(g, torch.zeros_like(g)), (name, g)
+
+
+# -- a global batch of one -------------------------------------------------------------------
+
+
+def _count_case(rank, kind, sizes):
+    group, p, i = pair(rank)
+    # Pair 1 swaps the roles, so both the rank with the sample and the empty rank are tested
+    # in either position of the group.
+    n = sizes[i if p == 0 else 1 - i]
+    spatial = () if kind == "bn" else KINDS[kind][2]  # SyncBatchNorm: one value per channel
+    layer = sync_layer(kind, group)
+    x = torch.randn(n, C, *spatial, dtype=torch.float64)
+    try:
+        layer(x)
+    except ValueError as err:
+        return str(err), int(layer.num_batches_tracked)
+    return None, int(layer.num_batches_tracked)
+
+
+@pytest.mark.parametrize("kind", ["sn1d", "sn2d", "bn"])
+def test_global_count_of_one_raises_on_every_rank(world, kind):
+    for message, tracked in world.run(_count_case, kind, (1, 0), timeout=CASE_TIMEOUT):
+        assert message is not None, "a global batch of one value per channel must raise"
+        assert "more than 1" in message and "got a global batch of 1" in message, message
+        assert tracked == 0
+    # Control: one sample on each rank is a global batch of two, which is fine.
+    for message, tracked in world.run(_count_case, kind, (1, 1), timeout=CASE_TIMEOUT):
+        assert message is None and tracked == 1, message
+
+
+# -- non-finite batch statistics ---------------------------------------------------------------
+
+
+def _nonfinite_case(rank, kind, xs):
+    group, p, i = pair(rank)
+    net = torch.nn.Sequential(sync_layer(kind, group), sync_layer(kind, group))
+    bad = p  # pair 0: its first rank holds the inf; pair 1: its second
+    states = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            x = xs[i].clone()
+            if i == bad:
+                x.view(-1)[1] = float("inf")
+            net(x.requires_grad_()).square().sum().backward()
+            states.append([buffers(layer) for layer in net])
+    # A finite step afterwards updates the statistics as if it were the first step.
+    with torch.no_grad():
+        net(xs[i])
+    names = [type(layer).__name__ for layer in net]
+    warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return {"states": states, "warned": warned, "names": names, "final": net.state_dict()}
+
+
+@pytest.mark.parametrize("kind", ["sn1d", "sn2d", "bn"])
+def test_nonfinite_statistics_skip_the_update_and_warn_once_per_layer(world, kind):
+    sizes, spatial = [2, 3], KINDS[kind][2]
+    xs, _ = make_batch(sizes, [spatial] * 2, C, torch.float64, seed=4)
+    results = world.run(_nonfinite_case, kind, xs, timeout=CASE_TIMEOUT)
+    fresh = sync_layer(kind, None)  # initial buffers: zeros, ones, 0
+    for res in results:
+        for state in res["states"]:
+            for layer_state in state:
+                for name, b in buffers(fresh).items():
+                    assert torch.equal(layer_state[name], b), name
+        # Both layers see non-finite statistics on both steps (the first layer's NaN output
+        # feeds the second): one warning per layer, each naming its layer, is two in all.
+        assert len(res["warned"]) == 2, res["warned"]
+        for message in res["warned"]:
+            assert res["names"][0] in message and "non-finite" in message, message
+    assert_pairs_agree(results, lambda r: r["final"])
+
+    local_cls = KINDS[kind][1]
+    reference = torch.nn.Sequential(local_cls(C), local_cls(C)).double()
+    with torch.no_grad():
+        reference(torch.cat(xs))
+    for res in results:
+        got = res["final"]
+        for name, ref in reference.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                assert int(got[name]) == 1, name
+            elif name.endswith(("running_mean", "running_var")):
+                # Absolute floor: after a BN layer the batch mean is zero up to rounding.
+                torch.testing.assert_close(got[name], ref, rtol=1e-10, atol=1e-14, msg=name)
+
+
+# -- SYNCSN_DEBUG: ranks that disagree on the layer ----------------------------------------------
+
+
+def _debug_features_case(rank, kind):
+    group, _, i = pair(rank)
+    channels = C + i  # the second rank of each pair built its layer for one more channel
+    layer = sync_layer(kind, group, channels)
+    x = torch.randn(2, channels, *KINDS[kind][2], dtype=torch.float64)
+    with debug_switch():
+        try:
+            layer(x)
+        except RuntimeError as err:
+            return f"{type(layer).__name__}({channels})", str(err)
+    return f"{type(layer).__name__}({channels})", None
+
+
+@pytest.mark.parametrize("kind", ["sn1d", "sn2d", "bn"])
+def test_debug_different_num_features_raises_on_every_rank(world, kind):
+    for layer_name, message in world.run(_debug_features_case, kind, timeout=CASE_TIMEOUT):
+        assert message is not None, f"{layer_name}: no error on this rank"
+        assert layer_name in message and "SYNCSN_DEBUG" in message, message
+
+
+def _debug_order_case(rank, kind, swap):
+    group, _, i = pair(rank)
+    first, second = sync_layer(kind, group), sync_layer(kind, group)
+    x = torch.randn(2, C, *KINDS[kind][2], dtype=torch.float64)
+    order = [second, first] if swap and i == 1 else [first, second]
+    plain = [layer(x) for layer in order]  # without the switch: no check
+    with debug_switch():
+        try:
+            checked = [layer(x) for layer in order]
+        except RuntimeError as err:
+            return str(err)
+    assert os.environ.get("SYNCSN_DEBUG") != "1"
+    # The debug check changes nothing in the result.
+    return [torch.equal(a, b) for a, b in zip(plain, checked, strict=True)]
+
+
+@pytest.mark.parametrize("kind", ["sn2d", "bn"])
+def test_debug_layers_called_in_a_different_order_raise_on_every_rank(world, kind):
+    # Control: the same layers in the same order pass the check.
+    for res in world.run(_debug_order_case, kind, False, timeout=CASE_TIMEOUT):
+        assert res == [True, True], res
+    name = type(sync_layer(kind, None)).__name__
+    for message in world.run(_debug_order_case, kind, True, timeout=CASE_TIMEOUT):
+        assert isinstance(message, str), "layers called in a different order were not detected"
+        assert f"{name}({C})" in message and "SYNCSN_DEBUG" in message, message
+
+
+def _debug_extra_layer_case(rank):
+    group, _, i = pair(rank)
+    if i == 0:
+        # This rank builds one more Sync layer first (say, a model for evaluation or for
+        # counting FLOPs, as training scripts often do on one rank only); it is never called.
+        sync_layer("sn2d", None)
+    model = torch.nn.Sequential(sync_layer("sn2d", group))
+    if i == 1:
+        sync_layer("sn2d", None)  # the same number of layers built on every rank again
+    # Creation numbers now differ between the ranks; names identify the layers instead.
+    syncsn.name_sync_layers(model)
+    layer = model[0]
+    x = torch.randn(2, C, 4, 3, dtype=torch.float64)
+    with debug_switch():
+        try:
+            layer(x)
+        except RuntimeError as err:
+            return str(err)
+    return None
+
+
+def test_debug_accepts_the_same_layers_when_a_rank_built_an_extra_one(world):
+    # The ranks call the same named layer (same type, same num_features); the debug check
+    # must not report a disagreement although the creation numbers differ.
+    for message in world.run(_debug_extra_layer_case, timeout=CASE_TIMEOUT):
+        assert message is None, message
+
+
+# -- inputs that differ in requires_grad -------------------------------------------------------
+
+
+def _requires_grad_case(rank, kind, xs, gs):
+    group, p, i = pair(rank)
+    layer = sync_layer(kind, group, affine=False)
+    wants_grad = i == p  # pair 0: the first rank's input requires grad; pair 1: the second's
+    x = xs[i].clone().requires_grad_(wants_grad)
+    loss = (layer(x) * gs[i]).sum()
+    if loss.requires_grad:  # what a generic training loop does
+        loss.backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("kind", ["bn", "sn2d"])
+def test_inputs_differing_in_requires_grad_do_not_hang(world, kind):
+    # SyncBatchNorm with affine=False has no parameter: nothing but the layer itself makes
+    # the rank whose input does not require grad take part in the backward collective.
+    xs, gs = make_batch([3, 2], [KINDS[kind][2]] * 2, C, torch.float64, seed=8)
+    results = world.run(_requires_grad_case, kind, xs, gs, timeout=CASE_TIMEOUT)
+    local = KINDS[kind][1](C, affine=False).double()
+    x = torch.cat(xs).requires_grad_()
+    (local(x) * torch.cat(gs)).sum().backward()
+    expected = [x.grad[:3], x.grad[3:]]
+    for rank, dx in enumerate(results):
+        p, i = rank // 2, rank % 2
+        if i == p:
+            assert dx is not None and rel_err(dx, expected[i]) <= 1e-10, rank
+        else:
+            assert dx is None
+
+
+# -- torch.utils.checkpoint ------------------------------------------------------------------
+
+
+def _checkpoint_case(rank, kind, reentrant, xs, gs):
+    group, _, i = pair(rank)
+    out = {}
+    for use_checkpoint in (False, True):
+        layer = sync_layer(kind, group)
+        randomize_(layer, 3)
+        for _ in range(2):
+            x = xs[i].clone().requires_grad_()
+            if use_checkpoint:
+                y = checkpoint(layer, x, use_reentrant=reentrant)
+            else:
+                y = layer(x)
+            (y * gs[i]).sum().backward()
+        grads = {name: p.grad for name, p in layer.named_parameters()}
+        out[use_checkpoint] = {"dx": x.grad, **grads, **buffers(layer)}
+    return out
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("kind", ["sn2d", "bn"])
+def test_checkpoint_updates_running_stats_once_per_step(world, kind, reentrant):
+    xs, gs = make_batch([2, 3], [KINDS[kind][2]] * 2, C, torch.float64, seed=9)
+    for res in world.run(_checkpoint_case, kind, reentrant, xs, gs, timeout=CASE_TIMEOUT):
+        plain, recomputed = res[False], res[True]
+        assert int(plain["num_batches_tracked"]) == 2
+        assert plain.keys() == recomputed.keys()
+        for name in plain:
+            if name.startswith(("running_", "num_batches")):
+                assert torch.equal(recomputed[name], plain[name]), name
+            else:
+                assert rel_err(recomputed[name], plain[name]) <= 1e-10, name
+
+
+# -- create_sync_groups --------------------------------------------------------------------------
+
+
+def _groups_case(rank, kind, data):
+    group, p, i = pair(rank)
+    xs, gs = data[p]
+    layer = sync_layer(kind, group)
+    randomize_(layer, 5)
+    out = None
+    for _ in range(2):
+        layer.zero_grad()
+        out = layer_results(layer, xs[i], gs[i])
+    return dist.get_world_size(group), dist.get_rank(group), out
+
+
+@pytest.mark.parametrize("kind", ["sn2d", "bn"])
+def test_create_sync_groups_syncs_within_each_pair(world, kind):
+    spatial = KINDS[kind][2]
+    # Different sizes and a different mean per pair: syncing across pairs could not pass.
+    data = [
+        make_batch([2, 1], [spatial] * 2, C, torch.float64, seed=20),
+        make_batch([1, 3], [spatial] * 2, C, torch.float64, seed=21, mean=3.0),
+    ]
+    results = world.run(_groups_case, kind, data, timeout=CASE_TIMEOUT)
+    assert [(size, r) for size, r, _ in results] == [(2, 0), (2, 1)] * 2
+    for p in (0, 1):
+        local = KINDS[kind][1](C).double()
+        randomize_(local, 5)
+        xs, gs = data[p]
+        pair_results = [out for _, _, out in results[2 * p : 2 * p + 2]]
+        compare_to_concatenated(pair_results, local, xs, gs, torch.float64, steps=2)
+    assert not torch.allclose(results[0][2]["running_mean"], results[2][2]["running_mean"])
+
+
+def _bad_group_size_case(rank, size):
+    try:
+        syncsn.create_sync_groups(size)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("size", [0, 3])
+def test_create_sync_groups_rejects_a_size_that_does_not_divide_the_world(world, size):
+    for message in world.run(_bad_group_size_case, size, timeout=CASE_TIMEOUT):
+        assert message is not None and f"got {size}" in message and "4" in message, message
