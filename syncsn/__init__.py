@@ -2,7 +2,26 @@
 
 from .batchnorm import SyncBatchNorm
 from .comm import create_sync_groups, name_sync_layers
+from .convert import (
+    convert_switchnorm,
+    convert_sync_batchnorm,
+    convert_sync_switchnorm,
+    revert_sync,
+)
+from .inspect import format_switch_weights, switch_weights
 from .optim import param_groups
+from .recalibration import recalibrate
+from .registry import build_norm_layer, register_norm
+from .sparse_switchnorm import (
+    RadiusSchedule,
+    SparseSwitchNorm1d,
+    SparseSwitchNorm2d,
+    SparseSwitchNorm3d,
+    SyncSparseSwitchNorm1d,
+    SyncSparseSwitchNorm2d,
+    SyncSparseSwitchNorm3d,
+    set_radius,
+)
 from .sparsemax import is_one_hot, sparsemax, sparsestmax
 from .switchnorm import (
     SwitchNorm1d,
@@ -23,10 +42,27 @@ __all__ = [
     "SyncSwitchNorm2d",
     "SyncSwitchNorm3d",
     "SyncBatchNorm",
+    "SparseSwitchNorm1d",
+    "SparseSwitchNorm2d",
+    "SparseSwitchNorm3d",
+    "SyncSparseSwitchNorm1d",
+    "SyncSparseSwitchNorm2d",
+    "SyncSparseSwitchNorm3d",
+    "set_radius",
+    "RadiusSchedule",
     "create_sync_groups",
     "name_sync_layers",
     "sparsemax",
     "sparsestmax",
     "is_one_hot",
     "param_groups",
+    "convert_sync_switchnorm",
+    "convert_switchnorm",
+    "convert_sync_batchnorm",
+    "revert_sync",
+    "build_norm_layer",
+    "register_norm",
+    "recalibrate",
+    "switch_weights",
+    "format_switch_weights",
 ]

@@ -1,0 +1,492 @@
+"""Process-group set-up for torchrun, SLURM and single-process runs.
+
+`init_distributed()` reads the launcher's environment, joins the process group and picks the
+device; every training script calls it once at start-up and `cleanup()` at the end::
+
+    info = init_distributed()
+    model = convert_sync_switchnorm(model).to(info.device)
+    ...
+    cleanup()
+
+Detection order (the first that applies wins):
+
+1. torchrun (or any launcher that sets the same variables): RANK, WORLD_SIZE, LOCAL_RANK,
+   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+2. SLURM, one task per process (`srun python train.py`): SLURM_PROCID, SLURM_NTASKS,
+   SLURM_LOCALID, the tasks per node and the node list. MASTER_ADDR defaults to the first
+   host of the step's node list (expanded here, as `scontrol` needs a cluster configuration)
+   and MASTER_PORT to a port derived from SLURM_JOB_ID, so every task agrees without talking.
+3. Otherwise a single process: world size 1, no process group, and the synchronized layers
+   make no collective call.
+
+`python -m syncsn.distributed` runs a probe: it initializes, all-reduces one number and prints
+one line per rank, a quick check that a launcher or a cluster is set up correctly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "LaunchEnv",
+    "LaunchEnvironmentError",
+    "cleanup",
+    "detect_launch_env",
+    "expand_hostlist",
+    "expand_tasks_per_node",
+    "init_distributed",
+    "slurm_master_port",
+]
+
+#: A MASTER_PORT derived from a SLURM job id lies in [SLURM_PORT_BASE, + SLURM_PORT_SPAN):
+#: below Linux's ephemeral range (32768+), so an outgoing connection rarely holds it.
+SLURM_PORT_BASE = 20000
+SLURM_PORT_SPAN = 10000
+
+
+class LaunchEnvironmentError(RuntimeError):
+    """The launcher's environment variables are incomplete or contradict each other."""
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the environment says about this process's place in the world (no side effects).
+
+    launcher is "torchrun", "slurm" or "single". master_addr/master_port are None for a
+    single process.
+    """
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the initialized world, as returned by `init_distributed`.
+
+    backend is None for a single process (no process group exists).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0: the process that logs, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# ----------------------------------------------------------------------------------------
+# Slurm's compact list syntaxes
+# ----------------------------------------------------------------------------------------
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def _split_top_level(text: str, what: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"{what} {text!r}: nested '[' at position {i}")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"{what} {text!r}: ']' without '[' at position {i}")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"{what} {text!r}: '[' is never closed")
+    parts.append(text[start:])
+    return parts
+
+
+def _expand_brackets(body: str, pattern: str) -> list[str]:
+    """'01-03,07' -> ['01', '02', '03', '07']; the width of a range's start is kept."""
+    values = []
+    for item in body.split(","):
+        m = _RANGE.match(item)
+        if m is None:
+            raise ValueError(
+                f"hostlist {pattern!r}: expected numbers or ranges like 01-03 inside "
+                f"brackets, got {item!r}"
+            )
+        lo_text, hi_text = m.group(1), m.group(2)
+        if hi_text is None:
+            values.append(lo_text)
+            continue
+        lo, hi = int(lo_text), int(hi_text)
+        if hi < lo:
+            raise ValueError(f"hostlist {pattern!r}: range {item!r} runs backwards")
+        values.extend(str(i).zfill(len(lo_text)) for i in range(lo, hi + 1))
+    return values
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand Slurm's hostlist syntax into host names, in order.
+
+    'gpu-a[01-03,07],gpu-b12' -> ['gpu-a01', 'gpu-a02', 'gpu-a03', 'gpu-a07', 'gpu-b12'].
+    Zero padding is kept (the width of a range's first number), and a name may hold several
+    bracket groups, expanded left group outermost ('r[1-2]n[1-2]' -> r1n1 r1n2 r2n1 r2n2).
+    """
+    text = hostlist.strip()
+    if not text:
+        raise ValueError("hostlist is empty: expected names like 'node[01-04],login1'")
+    hosts: list[str] = []
+    for pattern in _split_top_level(text, "hostlist"):
+        if not pattern:
+            raise ValueError(f"hostlist {hostlist!r}: empty name between commas")
+        # re.split with a group keeps the bracket bodies at the odd positions.
+        pieces = re.split(r"\[([^\]]*)\]", pattern)
+        expanded = [""]
+        for i, piece in enumerate(pieces):
+            choices = _expand_brackets(piece, pattern) if i % 2 else [piece]
+            expanded = [prefix + choice for prefix in expanded for choice in choices]
+        hosts.extend(expanded)
+    return hosts
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """Expand SLURM_TASKS_PER_NODE syntax: '2(x3),1' -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for item in spec.strip().split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if m is None:
+            raise ValueError(
+                f"tasks per node {spec!r}: expected items like 4 or 4(x2), got {item!r}"
+            )
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts
+
+
+def slurm_master_port(job_id: int) -> int:
+    """The MASTER_PORT every task of SLURM job `job_id` derives when none is given."""
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+
+
+# ----------------------------------------------------------------------------------------
+# Environment detection (pure: reads a mapping, changes nothing)
+# ----------------------------------------------------------------------------------------
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
+    text = env[name]
+    try:
+        value = int(text)
+    except ValueError:
+        raise LaunchEnvironmentError(f"{name} must be an integer, got {text!r}") from None
+    if value < minimum:
+        raise LaunchEnvironmentError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_ranks(launcher: str, names: tuple[str, str, str, str], values: tuple[int, ...]):
+    """rank < world_size, local_rank < local_world_size <= world_size."""
+    rank_n, world_n, local_n, local_world_n = names
+    rank, world, local, local_world = values
+    if rank >= world:
+        raise LaunchEnvironmentError(
+            f"{launcher}: {rank_n}={rank} must be smaller than {world_n}={world}"
+        )
+    if local >= local_world:
+        raise LaunchEnvironmentError(
+            f"{launcher}: {local_n}={local} must be smaller than {local_world_n}={local_world}"
+        )
+    if local_world > world:
+        raise LaunchEnvironmentError(
+            f"{launcher}: {local_world_n}={local_world} exceeds {world_n}={world}"
+        )
+
+
+def _master_port(env: Mapping[str, str]) -> int:
+    port = _int(env, "MASTER_PORT", minimum=1)
+    if port > 65535:
+        raise LaunchEnvironmentError(f"MASTER_PORT must be a TCP port (1-65535), got {port}")
+    return port
+
+
+def _detect_torchrun(env: Mapping[str, str]) -> LaunchEnv:
+    missing = [name for name in _TORCHRUN_VARS if name not in env]
+    if missing:
+        present = [name for name in _TORCHRUN_VARS if name in env]
+        raise LaunchEnvironmentError(
+            f"{', '.join(present)} set but {', '.join(missing)} missing: torchrun sets all of "
+            f"{', '.join(_TORCHRUN_VARS)}; set them together (or none of them)"
+        )
+    rank = _int(env, "RANK")
+    world = _int(env, "WORLD_SIZE", minimum=1)
+    local = _int(env, "LOCAL_RANK")
+    # LOCAL_WORLD_SIZE is informational; a hand-made environment without it is one node.
+    local_world = _int(env, "LOCAL_WORLD_SIZE", minimum=1) if "LOCAL_WORLD_SIZE" in env else world
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    _check_ranks("torchrun", names, (rank, world, local, local_world))
+    addr, port = env.get("MASTER_ADDR"), None
+    if world > 1:
+        absent = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+        if absent:
+            raise LaunchEnvironmentError(
+                f"torchrun: WORLD_SIZE={world} but {' and '.join(absent)} not set: every rank "
+                "needs the address and port of rank 0"
+            )
+        port = _master_port(env)
+    return LaunchEnv("torchrun", rank, world, local, local_world, addr, port)
+
+
+def _detect_slurm(env: Mapping[str, str]) -> LaunchEnv:
+    required = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    missing = [name for name in required if name not in env]
+    if missing:
+        raise LaunchEnvironmentError(
+            f"SLURM_PROCID set but {', '.join(missing)} missing: expected the variables "
+            "srun sets for each task"
+        )
+    rank = _int(env, "SLURM_PROCID")
+    world = _int(env, "SLURM_NTASKS", minimum=1)
+    local = _int(env, "SLURM_LOCALID")
+    if world > 1 and "SLURM_STEP_ID" not in env:
+        # The batch script itself carries SLURM_PROCID=0 and the job's SLURM_NTASKS; a
+        # process started there without srun would wait forever for its peers.
+        raise LaunchEnvironmentError(
+            f"SLURM_NTASKS={world} but SLURM_STEP_ID is not set: this process runs in the "
+            "batch script, not in an srun step. Start it with srun (launch/slurm_train.sh "
+            "does), or set RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 to run a single process"
+        )
+
+    spec_name = next(
+        (n for n in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if n in env), None
+    )
+    if spec_name is not None:
+        counts = expand_tasks_per_node(env[spec_name])
+        node = _int(env, "SLURM_NODEID") if "SLURM_NODEID" in env else 0
+        if node >= len(counts):
+            raise LaunchEnvironmentError(
+                f"SLURM_NODEID={node} but {spec_name}={env[spec_name]!r} lists {len(counts)} nodes"
+            )
+        local_world = counts[node]
+    elif int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1"))) == 1:
+        local_world = world
+    else:
+        raise LaunchEnvironmentError(
+            "SLURM job on several nodes but neither SLURM_STEP_TASKS_PER_NODE nor "
+            "SLURM_TASKS_PER_NODE is set: cannot tell how many tasks share this node"
+        )
+    names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", spec_name or "SLURM_NTASKS")
+    _check_ranks("slurm", names, (rank, world, local, local_world))
+
+    addr, port = env.get("MASTER_ADDR") or None, None
+    if world > 1:
+        if addr is None:
+            list_name = next(
+                (
+                    n
+                    for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                    if env.get(n)
+                ),
+                None,
+            )
+            if list_name is None:
+                raise LaunchEnvironmentError(
+                    "slurm: MASTER_ADDR is not set and neither is SLURM_JOB_NODELIST, so the "
+                    "address of rank 0 is unknown"
+                )
+            # srun places rank 0 on the first node of the step.
+            addr = expand_hostlist(env[list_name])[0]
+        if env.get("MASTER_PORT"):
+            port = _master_port(env)
+        elif "SLURM_JOB_ID" in env:
+            port = slurm_master_port(_int(env, "SLURM_JOB_ID"))
+        else:
+            raise LaunchEnvironmentError(
+                "slurm: neither MASTER_PORT nor SLURM_JOB_ID is set, so the port of rank 0 "
+                "is unknown"
+            )
+    return LaunchEnv("slurm", rank, world, local, local_world, addr, port)
+
+
+def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Read this process's rank, world size and rendezvous address from the environment.
+
+    Raises LaunchEnvironmentError, naming the variables, when the environment is partial or
+    contradictory. `environ` defaults to os.environ.
+    """
+    env = os.environ if environ is None else environ
+    if any(name in env for name in _TORCHRUN_VARS):
+        return _detect_torchrun(env)
+    if "SLURM_PROCID" in env:
+        return _detect_slurm(env)
+    return LaunchEnv("single", 0, 1, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Process group
+# ----------------------------------------------------------------------------------------
+
+_INFO: DistInfo | None = None
+
+
+def _pick_device(local_rank: int) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count == 1:
+        # One visible GPU per task (--gpus-per-task=1, or CUDA_VISIBLE_DEVICES per rank).
+        return torch.device("cuda", 0)
+    if local_rank >= count:
+        raise LaunchEnvironmentError(
+            f"local rank {local_rank} but only {count} GPUs are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): "
+            "start at most one process per GPU"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def _tcp_url(addr: str, port: int) -> str:
+    host = f"[{addr}]" if ":" in addr else addr  # IPv6 literal
+    return f"tcp://{host}:{port}"
+
+
+def init_distributed(
+    backend: str | None = None, timeout: timedelta | float = timedelta(minutes=30)
+) -> DistInfo:
+    """Join the process group described by the environment and select this rank's device.
+
+    backend: None picks "nccl" when CUDA is available, else "gloo".
+    timeout: for rendezvous and for every collective (a timedelta or seconds); a rank whose
+        peer died or hangs raises after it instead of waiting forever.
+
+    Idempotent: a second call returns the same DistInfo. A single process gets world size 1
+    and no process group.
+    """
+    global _INFO
+    if not isinstance(timeout, timedelta):
+        timeout = timedelta(seconds=float(timeout))
+    if _INFO is not None:
+        if backend is not None and _INFO.backend is not None and backend != _INFO.backend:
+            raise RuntimeError(
+                f"init_distributed(backend={backend!r}) but the process group already uses "
+                f"{_INFO.backend!r}; call cleanup() first"
+            )
+        return _INFO
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend 'nccl' needs CUDA, which is not available; use 'gloo'")
+
+    launch = detect_launch_env()
+    device = _pick_device(launch.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    chosen = backend or ("nccl" if device.type == "cuda" else "gloo")
+
+    if dist.is_available() and dist.is_initialized():
+        # Someone else formed the group: adopt it if it agrees with the environment.
+        if (dist.get_rank(), dist.get_world_size()) != (launch.rank, launch.world_size):
+            raise LaunchEnvironmentError(
+                f"a process group exists with rank {dist.get_rank()}/{dist.get_world_size()} "
+                f"but the environment ({launch.launcher}) says {launch.rank}/{launch.world_size}"
+            )
+        chosen = str(dist.get_backend())
+    elif launch.world_size > 1:
+        if not dist.is_available():
+            raise RuntimeError("this torch build has no torch.distributed support")
+        if launch.launcher == "torchrun":
+            # env:// lets workers reuse torchrun's own store (TORCHELASTIC_USE_AGENT_STORE).
+            init_method = "env://"
+        else:
+            init_method = _tcp_url(launch.master_addr, launch.master_port)
+        dist.init_process_group(
+            backend=chosen,
+            init_method=init_method,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timeout,
+        )
+    else:
+        chosen = None
+
+    _INFO = DistInfo(
+        rank=launch.rank,
+        world_size=launch.world_size,
+        local_rank=launch.local_rank,
+        local_world_size=launch.local_world_size,
+        device=device,
+        backend=chosen,
+        launcher=launch.launcher,
+    )
+    return _INFO
+
+
+def cleanup() -> None:
+    """Leave the process group (if any) so that `init_distributed` can run again."""
+    global _INFO
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _INFO = None
+
+
+# ----------------------------------------------------------------------------------------
+# Probe: python -m syncsn.distributed
+# ----------------------------------------------------------------------------------------
+
+
+def _probe(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m syncsn.distributed",
+        description="Initialize the process group from the launcher's environment, "
+        "all-reduce one number and print one line per rank.",
+    )
+    parser.add_argument("--backend", default=None, help="nccl or gloo (default: by device)")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds before a missing rank is an error"
+    )
+    args = parser.parse_args(argv)
+
+    info = init_distributed(backend=args.backend, timeout=args.timeout)
+    value = torch.tensor([float(info.rank + 1)], dtype=torch.float64, device=info.device)
+    if info.world_size > 1:
+        dist.all_reduce(value)
+    total = value.item()
+    expected = info.world_size * (info.world_size + 1) / 2
+    print(
+        f"rank {info.rank}/{info.world_size} local {info.local_rank}/{info.local_world_size} "
+        f"backend {info.backend or 'none'} sum={total:g} host {socket.gethostname()} "
+        f"device {info.device} launcher {info.launcher}",
+        flush=True,
+    )
+    cleanup()
+    if total != expected:
+        print(f"rank {info.rank}: sum={total:g}, expected {expected:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe())
