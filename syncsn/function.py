@@ -15,6 +15,7 @@ scopes are large and nearly equal.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +163,35 @@ def _simplex64(w: Tensor) -> Tensor:
     return w / w.sum()
 
 
+def _batch_scope(
+    training: bool,
+    stats: RunningStats | None,
+    sync: SyncSpec,
+    local_count: int,
+    gather_and_merge: Callable[[], tuple[Tensor, Tensor, Tensor]],
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The BN scope: (count, mean (C,), var (C,)) of the global batch in training, folded
+    into the running statistics; the running statistics themselves in eval."""
+    if not training:
+        return None, stats.mean.double(), stats.var.double()
+    count, mean, var = gather_and_merge()
+    _check_batch_count(count, local_count, sync, "sample")
+    if stats is not None:
+        _update_running(stats, count, mean, var)
+    return count, mean, var
+
+
+def _mix_and_scale(
+    w: Tensor, v: Tensor, means: list[Tensor], vars_: list[Tensor], eps: float, weight
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mixed mean and variance (N, C), r = (var + eps)^-1/2 and the scale r * weight."""
+    mu = F.mix(_simplex64(w), means)
+    var = F.mix(_simplex64(v), vars_)
+    r = torch.rsqrt(var + eps)
+    scale = r if weight is None else r * weight.double()
+    return mu, var, r, scale
+
+
 def _centred(x: Tensor, centre: Tensor) -> Tensor:
     return x - F.per_sample_channel_view(centre, x.dim())
 
@@ -196,27 +226,20 @@ class SwitchNormFunction(torch.autograd.Function):
         mu_ln, var_ln = F.layer_stats(mean_in, var_in)
         means, vars_ = [mean_in, mu_ln[:, None]], [var_in, var_ln[:, None]]
 
-        count = None
-        batch_synced = use_bn and training
-        if batch_synced:
-            parts = sync.gather(F.sample_partials(mean_in, var_in))
-            count, mu_bn, var_bn = F.merge_sample_partials(parts)
-            _check_batch_count(count, n, sync, "sample")
-            if stats is not None:
-                _update_running(stats, count, mu_bn, var_bn)
-        elif use_bn:
-            mu_bn, var_bn = stats.mean.double(), stats.var.double()
+        count, batch_synced, bn = None, use_bn and training, []
         if use_bn:
-            means.append(mu_bn[None, :])
-            vars_.append(var_bn[None, :])
-
-        mu = F.mix(_simplex64(w), means)
-        var = F.mix(_simplex64(v), vars_)
-        r = torch.rsqrt(var + eps)
-        scale = r if weight is None else r * weight.double()
+            count, *bn = _batch_scope(
+                training,
+                stats,
+                sync,
+                n,
+                lambda: F.merge_sample_partials(sync.gather(F.sample_partials(mean_in, var_in))),
+            )
+            means.append(bn[0][None, :])
+            vars_.append(bn[1][None, :])
+        mu, var, r, scale = _mix_and_scale(w, v, means, vars_, eps, weight)
         y = F.normalize_(centred, centre, mu, scale, bias, x.dtype)
 
-        bn = [mu_bn, var_bn] if use_bn else []
         ctx.save_for_backward(
             x, w, v, weight, centre, mean_in, var_in, mu, var, r, mu_ln, var_ln, *bn
         )
@@ -304,31 +327,23 @@ class SwitchNorm1dFunction(torch.autograd.Function):
         var_ln = (xs - mu_ln[:, None]).square().sum(dim=1) / (c - 1)
         means, vars_ = [mu_ln[:, None]], [var_ln[:, None]]
 
-        count = None
-        batch_synced = use_bn and training
-        if batch_synced:
-            parts = sync.gather(F.element_partials(xs, torch.zeros_like(xs), 1))
-            count, mu_bn, m2 = F.merge_element_partials(parts)
-            _check_batch_count(count, n, sync, "sample")
-            var_bn = m2 / (count - 1).clamp(min=1)
-            if stats is not None:
-                _update_running(stats, count, mu_bn, var_bn)
-        elif use_bn:
-            mu_bn, var_bn = stats.mean.double(), stats.var.double()
+        count, batch_synced, bn = None, use_bn and training, []
         if use_bn:
-            means.append(mu_bn[None, :])
-            vars_.append(var_bn[None, :])
 
-        mu = F.mix(_simplex64(w), means)
-        var = F.mix(_simplex64(v), vars_)
-        r = torch.rsqrt(var + eps)
-        scale = r if weight is None else r * weight.double()
+            def unbiased_batch_stats():
+                parts = sync.gather(F.element_partials(xs, torch.zeros_like(xs), 1))
+                count, mean, m2 = F.merge_element_partials(parts)
+                return count, mean, m2 / (count - 1).clamp(min=1)
+
+            count, *bn = _batch_scope(training, stats, sync, n, unbiased_batch_stats)
+            means.append(bn[0][None, :])
+            vars_.append(bn[1][None, :])
+        mu, var, r, scale = _mix_and_scale(w, v, means, vars_, eps, weight)
         y = (xs - mu) * scale
         if bias is not None:
             y = y + bias.double()
         y = y.to(x.dtype)
 
-        bn = [mu_bn, var_bn] if use_bn else []
         ctx.save_for_backward(x, w, v, weight, mu, var, r, mu_ln, var_ln, *bn)
         ctx.batch_synced = batch_synced
         ctx.count = count
