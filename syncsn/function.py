@@ -146,14 +146,29 @@ def _update_running(stats: RunningStats, count: Tensor, mean: Tensor, var: Tenso
     stats.nonfinite.observe(finite)
 
 
-def _reduce_over_spatial(centred: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) S1 = sum dy and S2c = sum dy * (x - centre), in float64 (N, C)."""
-    dims = tuple(range(2, dy.dim()))
-    if not dims:  # (N, C) input: nothing to reduce (and sum(dim=()) would sum everything)
-        return dy.double(), (centred * dy).double()
-    s1 = dy.sum(dim=dims, dtype=centred.dtype).double()
-    s2c = (centred * dy).sum(dim=dims).double()
-    return s1, s2c
+def _reduce_over_spatial(x: Tensor, centre: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward reduction pass: per-(n, c) S1 = sum dy and S2c = sum dy * (x - centre).
+
+    Args:
+        x, dy: (N, C, *S); centre: (N, C) in ``stats_dtype(x.dtype)``.
+    Returns:
+        S1, S2c: (N, C) float64.
+
+    Uses F.batch_norm_reduce_sums (torch's fused batch-norm backward reduction) where the
+    layout allows: it reads x and dy once and allocates nothing of their size, which on CPU
+    matters more than the arithmetic (a fresh temporary of an activation's size costs about
+    as much as a pass over it).
+    """
+    if x.dim() == 2:  # (N, C): nothing to reduce (and sum(dim=()) would sum everything)
+        return dy.double(), ((x - centre) * dy).double()
+    sums = F.batch_norm_reduce_sums(x, centre, dy)
+    if sums is not None:
+        return sums
+    centred = _centred(x, centre)
+    dims = tuple(range(2, x.dim()))
+    s1 = dy.sum(dim=dims, dtype=centred.dtype)
+    s2c = (centred * dy).sum(dim=dims)
+    return s1.double(), s2c.double()
 
 
 def _simplex64(w: Tensor) -> Tensor:
@@ -256,8 +271,7 @@ class SwitchNormFunction(torch.autograd.Function):
         gamma = r.new_ones(()) if weight is None else weight.double()
         w64, v64 = _simplex64(w), _simplex64(v)
 
-        centred = _centred(x, centre)
-        s1, s2c = _reduce_over_spatial(centred, dy)
+        s1, s2c = _reduce_over_spatial(x, centre, dy)
         s2_about_mu = s2c + (centre.double() - mu) * s1  # sum dy * (x - mu), no cancellation
         g_mu = -r * gamma * s1
         g_var = -0.5 * r.pow(3) * gamma * s2_about_mu
@@ -285,7 +299,7 @@ class SwitchNormFunction(torch.autograd.Function):
             # d var_in / dx = 2 (x - a) / (L - 1) with x - a = (x - centre) + (centre - a).
             k_x = 2 * g_b / (length - 1)
             k_0 = g_a / length + k_x * (centre.double() - a)
-            dx = F.combine_grad_(centred, dy, gamma * r, k_x, k_0, x.dtype)
+            dx = F.combine_grad_(_centred(x, centre), dy, gamma * r, k_x, k_0, x.dtype)
 
         scope_means = [a, mu_ln[:, None]] + ([bn[0][None, :]] if bn else [])
         scope_vars = [var_in, var_ln[:, None]] + ([bn[1][None, :]] if bn else [])
@@ -429,8 +443,7 @@ class BatchNormFunction(torch.autograd.Function):
         n, c = x.shape[:2]
         gamma = invstd.new_ones(()) if weight is None else weight.double()
 
-        centred = _centred(x, centre.expand(n, c))
-        s1, s2c = _reduce_over_spatial(centred, dy)
+        s1, s2c = _reduce_over_spatial(x, centre.expand(n, c), dy)
         sum_dy = s1.sum(dim=0)
         sum_dy_xmu = s2c.sum(dim=0) + (centre.double() - mean) * sum_dy
         local = torch.cat([sum_dy, sum_dy_xmu])
@@ -447,7 +460,7 @@ class BatchNormFunction(torch.autograd.Function):
             k_x = -gamma * invstd.pow(3) * sum_dy_xmu / count
             k_0 = -gamma * invstd * sum_dy / count + k_x * (centre.double() - mean)
             dx = F.combine_grad_(
-                centred,
+                _centred(x, centre.expand(n, c)),
                 dy,
                 (gamma * invstd).expand(n, c),
                 k_x.expand(n, c),

@@ -27,6 +27,7 @@ __all__ = [
     "merge_element_partials",
     "mix",
     "normalize_",
+    "batch_norm_reduce_sums",
     "combine_grad_",
     "update_running_stats_",
 ]
@@ -196,6 +197,60 @@ def normalize_(
     view = lambda t: per_sample_channel_view(t.to(centred.dtype), centred.dim())  # noqa: E731
     centred.mul_(view(scale)).add_(view(shift))
     return centred.to(dtype)
+
+
+def batch_norm_reduce_sums(x: Tensor, centre: Tensor, dy: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Per-(n, c) sum dy and sum dy * (x - centre) (float64 (N, C)) in one fused pass.
+
+    Torch's batch-norm backward reduction computes exactly these sums per channel; applied
+    to x viewed as one sample of N * C channels (contiguous input), or to one sample at a time
+    (channels_last), it gives them per (n, c) without a temporary of x's size. Returns None
+    for layouts it does not cover (mixed layouts, non-dense tensors).
+    """
+    n, c = x.shape[:2]
+    if x.numel() == 0:
+        return None
+    acc = stats_dtype(x.dtype)
+    centre = centre.to(acc)
+    if x.is_contiguous() and dy.is_contiguous():
+        ones = torch.ones(n * c, dtype=acc, device=x.device)
+        _, s2c, s1 = torch.ops.aten.native_batch_norm_backward(
+            dy.view(1, n * c, -1),
+            x.view(1, n * c, -1),
+            ones,
+            None,
+            None,
+            centre.reshape(-1),
+            ones,
+            True,
+            0.0,
+            [False, True, True],
+        )
+        return s1.view(n, c).double(), s2c.view(n, c).double()
+    layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if (
+        x.dim() in (4, 5)
+        and x.is_contiguous(memory_format=layout)
+        and dy.is_contiguous(memory_format=layout)
+    ):
+        ones = torch.ones(c, dtype=acc, device=x.device)
+        s1 = x.new_empty((n, c), dtype=torch.float64)
+        s2c = x.new_empty((n, c), dtype=torch.float64)
+        for i in range(n):
+            _, s2c[i], s1[i] = torch.ops.aten.native_batch_norm_backward(
+                dy[i : i + 1],
+                x[i : i + 1],
+                ones,
+                None,
+                None,
+                centre[i],
+                ones,
+                True,
+                0.0,
+                [False, True, True],
+            )
+        return s1, s2c
+    return None
 
 
 def combine_grad_(

@@ -1,0 +1,67 @@
+"""The pure functions of syncsn.functional against direct float64 computations."""
+
+import pytest
+import torch
+
+from syncsn import functional as F
+
+
+def direct_sums(x, centre, dy):
+    dims = tuple(range(2, x.dim()))
+    xd, dyd = x.double(), dy.double()
+    centred = xd - centre.double().view(centre.shape + (1,) * len(dims))
+    return dyd.sum(dims), (dyd * centred).sum(dims)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 3, 2, 3, 4)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_batch_norm_reduce_sums(shape, layout, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 2 + 5).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    centre = x.float().mean(dim=tuple(range(2, len(shape)))).to(F.stats_dtype(dtype))
+    s1, s2c = F.batch_norm_reduce_sums(x, centre, dy)
+    r1, r2 = direct_sums(x, centre, dy)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    assert s1.dtype == s2c.dtype == torch.float64
+    torch.testing.assert_close(s1, r1, rtol=tol, atol=tol * r1.abs().max().item())
+    torch.testing.assert_close(s2c, r2, rtol=tol, atol=tol * r2.abs().max().item())
+
+
+def test_batch_norm_reduce_sums_declines_mixed_layouts():
+    x = torch.randn(2, 3, 4, 5)
+    dy = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert F.batch_norm_reduce_sums(x, x.mean((2, 3)), dy) is None
+    assert F.batch_norm_reduce_sums(x[:, :, ::2], x.mean((2, 3)), x[:, :, ::2]) is None
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e4])
+def test_instance_stats_exact_for_large_means(mean):
+    g = torch.Generator().manual_seed(1)
+    x64 = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64) + mean
+    x = x64.float()
+    centred, centre, m, m2 = F.instance_stats(x)
+    xd = x.double()
+    ref_mean = xd.mean((2, 3))
+    ref_m2 = ((xd - ref_mean[..., None, None]) ** 2).sum((2, 3))
+    assert (m - ref_mean).abs().max() < 1e-6
+    torch.testing.assert_close(m2, ref_m2, rtol=1e-5, atol=0)
+    torch.testing.assert_close(centred.double(), xd - centre.double()[..., None, None])
+
+
+def test_sample_partials_merge_equals_one_batch():
+    """Chan's merge of uneven per-rank partials (with an empty rank) equals the whole batch."""
+    g = torch.Generator().manual_seed(2)
+    mean_in = torch.randn(7, 5, generator=g, dtype=torch.float64) * 3 + 100
+    var_in = torch.rand(7, 5, generator=g, dtype=torch.float64)
+    splits = [mean_in[:3], mean_in[3:3], mean_in[3:]]
+    vsplits = [var_in[:3], var_in[3:3], var_in[3:]]
+    parts = torch.stack([F.sample_partials(a, b) for a, b in zip(splits, vsplits, strict=True)])
+    count, mu, var = F.merge_sample_partials(parts)
+    assert count.item() == 7
+    torch.testing.assert_close(mu, mean_in.mean(0))
+    torch.testing.assert_close(var, var_in.mean(0) + ((mean_in - mean_in.mean(0)) ** 2).mean(0))
