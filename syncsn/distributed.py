@@ -49,7 +49,7 @@ __all__ = [
     "slurm_master_port",
 ]
 
-#: A MASTER_PORT derived from a SLURM job id lies in [SLURM_PORT_BASE, + SLURM_PORT_SPAN):
+#: A MASTER_PORT derived from a SLURM job id is SLURM_PORT_BASE + job id % SLURM_PORT_SPAN,
 #: below Linux's ephemeral range (32768+), so an outgoing connection rarely holds it.
 SLURM_PORT_BASE = 20000
 SLURM_PORT_SPAN = 10000
@@ -197,6 +197,7 @@ def slurm_master_port(job_id: int) -> int:
 # ----------------------------------------------------------------------------------------
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_NODE_COUNT_VARS = ("SLURM_STEP_NUM_NODES", "SLURM_NNODES")
 
 
 def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
@@ -293,7 +294,7 @@ def _detect_slurm(env: Mapping[str, str]) -> LaunchEnv:
                 f"SLURM_NODEID={node} but {spec_name}={env[spec_name]!r} lists {len(counts)} nodes"
             )
         local_world = counts[node]
-    elif int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1"))) == 1:
+    elif all(_int(env, n, minimum=1) == 1 for n in _NODE_COUNT_VARS if n in env):
         local_world = world
     else:
         raise LaunchEnvironmentError(
@@ -390,6 +391,8 @@ def init_distributed(
     global _INFO
     if not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
+    if _INFO is not None and _INFO.backend is not None and not dist.is_initialized():
+        _INFO = None  # the group was destroyed behind our back: form it again
     if _INFO is not None:
         if backend is not None and _INFO.backend is not None and backend != _INFO.backend:
             raise RuntimeError(
@@ -475,12 +478,15 @@ def _probe(argv: list[str] | None = None) -> int:
         dist.all_reduce(value)
     total = value.item()
     expected = info.world_size * (info.world_size + 1) / 2
-    print(
+    line = (
         f"rank {info.rank}/{info.world_size} local {info.local_rank}/{info.local_world_size} "
         f"backend {info.backend or 'none'} sum={total:g} host {socket.gethostname()} "
-        f"device {info.device} launcher {info.launcher}",
-        flush=True,
+        f"device {info.device} launcher {info.launcher}\n"
     )
+    # One write per line: ranks sharing a pipe (torchrun, srun) must not interleave within
+    # it, and print() writes the newline separately when stdout is unbuffered.
+    sys.stdout.write(line)
+    sys.stdout.flush()
     cleanup()
     if total != expected:
         print(f"rank {info.rank}: sum={total:g}, expected {expected:g}", file=sys.stderr)
