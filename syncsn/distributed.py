@@ -420,18 +420,33 @@ def init_distributed(
     elif launch.world_size > 1:
         if not dist.is_available():
             raise RuntimeError("this torch build has no torch.distributed support")
-        if launch.launcher == "torchrun":
-            # env:// lets workers reuse torchrun's own store (TORCHELASTIC_USE_AGENT_STORE).
-            init_method = "env://"
-        else:
-            init_method = _tcp_url(launch.master_addr, launch.master_port)
-        dist.init_process_group(
-            backend=chosen,
-            init_method=init_method,
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=timeout,
+        group_args = dict(
+            backend=chosen, rank=launch.rank, world_size=launch.world_size, timeout=timeout
         )
+        if (
+            launch.launcher == "torchrun"
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        ):
+            # torchrun keeps its store across worker restarts (--max-restarts), and torch's
+            # env:// rendezvous does not separate the attempts, so a restarted worker can
+            # read a dead peer's address and hang. Prefix the keys with the restart count.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            agent_store = dist.TCPStore(
+                launch.master_addr,
+                launch.master_port,
+                launch.world_size,
+                is_master=False,
+                timeout=timeout,
+            )
+            store = dist.PrefixStore(f"syncsn/attempt_{attempt}/", agent_store)
+            dist.init_process_group(store=store, **group_args)
+        else:
+            url = (
+                "env://"
+                if launch.launcher == "torchrun"
+                else _tcp_url(launch.master_addr, launch.master_port)
+            )
+            dist.init_process_group(init_method=url, **group_args)
     else:
         chosen = None
 
