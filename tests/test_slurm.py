@@ -7,6 +7,7 @@ skipped with the reason.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -85,3 +86,39 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_p
     assert resumed == stopped, job.describe()  # each rank resumes from its own checkpoint
     assert f"job {job_id} requeued" in job.output
     assert "restart 1" in job.output
+
+
+@pytest.mark.timeout(200)
+def test_segmentation_example_as_a_two_task_slurm_job(slurm_cluster, tmp_path):  # noqa: F811
+    """The example trains through launch/slurm_train.sh, one srun task per rank."""
+    out = tmp_path / "run"
+    job = slurm_cluster.run_job(
+        [
+            "examples/segmentation/train.py",
+            "--image-size",
+            "32",
+            "-b",
+            "2",
+            "--workers",
+            "0",
+            "--num-train",
+            "16",
+            "--num-val",
+            "5",
+            "--epochs",
+            "1",
+            "--dist-timeout",
+            "60",
+            "--output-dir",
+            str(out),
+        ],
+        ntasks=2,
+        timeout=180,
+    )
+    assert job.state == "COMPLETED", job.describe()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    assert (out / "checkpoint.pth").exists()
+    assert "syncsn segmentation: 2 process(es)" in job.output, job.output
+    record = json.loads(lines[0])
+    assert record["epoch"] == 0 and 0.0 <= record["miou"] <= 1.0, record
