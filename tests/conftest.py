@@ -8,6 +8,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist_world import DistWorld  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """Build (or load) the CPU extension once, before any test spawns worker processes that
+    would otherwise each wait for the build inside a timed case."""
+    from syncsn import _native
+
+    _native.kernels()
+
+
 @pytest.fixture(scope="module")
 def world():
     """Four gloo ranks for the whole module; ``subgroup(k)`` gives worlds of 1 to 4."""
