@@ -7,7 +7,7 @@ updated in place).
 
 Two transcriptions:
 
-- ``sn_forward`` / ``sn1d_forward``: the semantics the library implements (SPEC section 2).
+- ``sn_forward`` / ``sn1d_forward``: the semantics the library implements (README, Semantics).
 - ``original_sn2d_eval`` / ``original_sn1d_eval``: the eval-mode forward of the original
   authors' layer, with its own parameter layout ((1, C, 1, 1) / (1, C) affine parameters,
   (1, C, 1) / (1, C) running statistics) and its own LN formula, used to check that state

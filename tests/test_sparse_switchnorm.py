@@ -83,7 +83,7 @@ def reference_ssn(
     running_mean: Tensor,
     running_var: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """SN (SPEC section 2) with given mixing weights w, v (K,) for the means and variances.
+    """SN with given mixing weights w, v (K,) for the means and variances.
 
     (N, C, *S): scopes IN, LN, BN from the instance means a and unbiased variances b.
     (N, C): scopes LN (over C, divides by C - 1) and BN (over N, divides by N - 1).

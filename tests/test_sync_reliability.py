@@ -1,4 +1,4 @@
-"""Faults and corner cases of the synchronized layers (SPEC section 6) on a 4-rank gloo world.
+"""Faults and corner cases of the synchronized layers on a 4-rank gloo world.
 
 Every case runs on all four ranks as two independent pairs, {0, 1} and {2, 3}, made by
 ``create_sync_groups(2)``: each pair plays the scenario on its own data (often with the roles
