@@ -16,5 +16,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing syncsn[test,dev,examples] (torch pinned by constraints.txt)"
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,dev,examples]"
+    # The CPU kernels, compiled now rather than in the first training step (about a minute,
+    # once per machine; without a compiler one line says the layers run in pure torch).
+    .venv/bin/python -c "from syncsn._native import main; main()"
     echo "$want" > "$stamp"
 fi

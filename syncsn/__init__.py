@@ -1,5 +1,6 @@
 """Synchronized Switchable, Sparse Switchable and Batch Normalization for PyTorch."""
 
+from . import _torch_compat
 from .batchnorm import SyncBatchNorm
 from .comm import create_sync_groups, name_sync_layers
 from .convert import (
@@ -11,7 +12,7 @@ from .convert import (
 from .inspect import format_switch_weights, switch_weights
 from .optim import param_groups
 from .recalibration import recalibrate
-from .registry import build_norm_layer, register_norm
+from .registry import build_named_norm_layer, build_norm_layer, register_norm
 from .sparse_switchnorm import (
     RadiusSchedule,
     SparseSwitchNorm1d,
@@ -31,6 +32,10 @@ from .switchnorm import (
     SyncSwitchNorm2d,
     SyncSwitchNorm3d,
 )
+
+# torch's SyncBatchNorm converter keeps syncsn's layers, and DistributedDataParallel accepts
+# syncsn's SyncBatchNorm on CPU (see syncsn/_torch_compat.py).
+_torch_compat.install()
 
 __version__ = "0.1.0"
 
@@ -61,6 +66,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "revert_sync",
     "build_norm_layer",
+    "build_named_norm_layer",
     "register_norm",
     "recalibrate",
     "switch_weights",

@@ -20,6 +20,10 @@ Rules shared by all of them:
   ``requires_grad`` carry over) and running-statistics buffers (the same tensors), and takes
   its eps, momentum, training flag, device and dtype. New parameters (the switch logits)
   require grad when the old layer's parameters did.
+- State-dict keys stay as they were, apart from the switch logits a switchable layer adds: a
+  layer without a bias (``bias=False``) or without running statistics
+  (``track_running_stats=False``) gives one without them, so a checkpoint of the original
+  model loads strictly into the converted one (``strict=False`` for the added logits).
 - A layer used at several places in the model stays one layer after conversion.
 - The root is converted too when it is itself a norm layer: always use the return value.
 
@@ -37,7 +41,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -54,6 +58,7 @@ from .switchnorm import (
     SyncSwitchNorm2d,
     SyncSwitchNorm3d,
     _SwitchNorm,
+    _SyncMixin,
 )
 
 __all__ = [
@@ -143,18 +148,25 @@ def convert_sync_switchnorm(
 
     Returns:
         The converted module (use it: the root may have been replaced).
+
+    Example::
+
+        >>> model = torchvision.models.resnet50(weights="IMAGENET1K_V2")
+        >>> model = syncsn.convert_sync_switchnorm(model, init="bn")  # fine-tune from BN
     """
     _check_init(init)
     _check_dim(dim)
 
-    def replace(layer: nn.Module, base: type, name: str) -> nn.Module | None:
+    def replace(layer: _BatchNorm, base: type, name: str) -> nn.Module | None:
         if base in _BATCHNORM_DIM or base in _AGNOSTIC_BATCHNORM:
             target = _SYNC_SWITCHNORM[_batchnorm_dim(layer, base, dim)]
             return _batchnorm_to_switchnorm(layer, target, init, name, process_group=process_group)
         if base in _SYNC_TWIN:
-            return _switchnorm_twin(layer, _SYNC_TWIN[base], process_group=process_group)
+            return _switchnorm_twin(
+                cast(_SwitchNorm, layer), _SYNC_TWIN[base], process_group=process_group
+            )
         if base in _LOCAL_TWIN:
-            layer.process_group = process_group
+            cast(_SyncMixin, layer).process_group = process_group
         return None
 
     return _convert(module, replace)
@@ -165,13 +177,26 @@ def convert_switchnorm(module: nn.Module, init: Init = "uniform", dim: int = 2) 
 
     ``BatchNorm{1,2,3}d``, ``torch.nn.SyncBatchNorm`` and :class:`SyncBatchNorm` are
     converted; switchable layers, local or synchronized, are left as they are (use
-    :func:`revert_sync` to make synchronized ones local). ``init`` and ``dim`` as in
-    :func:`convert_sync_switchnorm`.
+    :func:`revert_sync` to make synchronized ones local).
+
+    Args:
+        module: the model (converted in place; the root too when it is a norm layer).
+        init: ``"uniform"`` or ``"bn"``, as in :func:`convert_sync_switchnorm`.
+        dim: as in :func:`convert_sync_switchnorm`.
+
+    Returns:
+        The converted module.
+
+    Example::
+
+        >>> model = syncsn.convert_switchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+        >>> type(model[1]).__name__
+        'SwitchNorm2d'
     """
     _check_init(init)
     _check_dim(dim)
 
-    def replace(layer: nn.Module, base: type, name: str) -> nn.Module | None:
+    def replace(layer: _BatchNorm, base: type, name: str) -> nn.Module | None:
         if base in _BATCHNORM_DIM or base in _AGNOSTIC_BATCHNORM:
             target = _SWITCHNORM[_batchnorm_dim(layer, base, dim)]
             return _batchnorm_to_switchnorm(layer, target, init, name)
@@ -188,11 +213,23 @@ def convert_sync_batchnorm(
     ``BatchNorm{1,2,3}d`` and ``torch.nn.SyncBatchNorm`` are replaced (the new layer records
     the dimensionality of a BatchNorm{1,2,3}d, so :func:`revert_sync` restores it); existing
     :class:`SyncBatchNorm` layers get ``process_group``. Switchable layers are left alone.
+    The same as :meth:`SyncBatchNorm.convert_sync_batchnorm`.
+
+    Args:
+        module: the model (converted in place; the root too when it is a norm layer).
+        process_group: the group the layers synchronize over (None: the world).
+
+    Returns:
+        The converted module.
+
+    Example::
+
+        >>> model = syncsn.convert_sync_batchnorm(model, process_group=syncsn.create_sync_groups(8))
     """
 
-    def replace(layer: nn.Module, base: type, name: str) -> nn.Module | None:
+    def replace(layer: _BatchNorm, base: type, name: str) -> nn.Module | None:
         if base is SyncBatchNorm:
-            layer.process_group = process_group
+            cast(SyncBatchNorm, layer).process_group = process_group
             return None
         if base in _BATCHNORM_DIM or base is nn.SyncBatchNorm:
             new = SyncBatchNorm(
@@ -222,12 +259,24 @@ def revert_sync(module: nn.Module, dim: int = 2) -> nn.Module:
     ``BatchNorm{1,2,3}d``: the dimensionality it recorded when it replaced a BatchNorm layer,
     else ``dim`` (default 2). The local model computes exactly what the synchronized one
     computes in eval mode, with no process group needed (single-device evaluation, export).
+
+    Args:
+        module: the model (converted in place; the root too when it is a norm layer).
+        dim: dimensionality (1, 2 or 3) for SyncBatchNorm layers that do not record one.
+
+    Returns:
+        The converted module.
+
+    Example::
+
+        >>> local = syncsn.revert_sync(copy.deepcopy(ddp_model.module)).eval()
+        >>> torch.onnx.export(local, example, "model.onnx")
     """
     _check_dim(dim)
 
-    def replace(layer: nn.Module, base: type, name: str) -> nn.Module | None:
+    def replace(layer: _BatchNorm, base: type, name: str) -> nn.Module | None:
         if base in _LOCAL_TWIN:
-            return _switchnorm_twin(layer, _LOCAL_TWIN[base])
+            return _switchnorm_twin(cast(_SwitchNorm, layer), _LOCAL_TWIN[base])
         if base in _AGNOSTIC_BATCHNORM:
             target = _LOCAL_BATCHNORM[_batchnorm_dim(layer, base, dim)]
             new = target(
@@ -246,7 +295,8 @@ def revert_sync(module: nn.Module, dim: int = 2) -> nn.Module:
 
 # --- traversal -----------------------------------------------------------------------------
 
-Replace = Callable[[nn.Module, type, str], "nn.Module | None"]
+# (layer, the known class it is an instance of, its qualified name) -> new layer or None
+Replace = Callable[[_BatchNorm, type, str], "nn.Module | None"]
 
 
 def _convert(module: nn.Module, replace: Replace) -> nn.Module:
@@ -261,7 +311,7 @@ def _convert(module: nn.Module, replace: Replace) -> nn.Module:
             return done[id(layer)][1]
         new = layer
         base = _recognise(layer, name)
-        if base is not None:
+        if base is not None and isinstance(layer, _BatchNorm):
             new = replace(layer, base, name) or layer
         done[id(layer)] = (layer, new)
         # _modules, not named_children(): the latter skips a child seen under another name.
@@ -289,7 +339,7 @@ def _recognise(layer: nn.Module, name: str) -> type | None:
     None for anything that is not a norm layer, and (with a warning) for a norm layer whose
     class or instance adds something the converters would not carry over.
     """
-    if not isinstance(layer, (_BatchNorm, _SwitchNorm)):
+    if not isinstance(layer, _BatchNorm):  # the switchable layers are ones too
         return None
     known = _known_classes()
     base = next((cls for cls in type(layer).__mro__ if cls in known), None)
@@ -297,6 +347,7 @@ def _recognise(layer: nn.Module, name: str) -> type | None:
         "Converting it could drop behaviour the new layer does not have; replace it by hand "
         "if that is intended."
     )
+    reason: str | None
     if any(nn.parameter.is_lazy(t) for t in _tensors(layer)):
         reason, advice = "its parameters are not materialized yet", "Run one forward pass first."
     elif base is None:
@@ -401,7 +452,7 @@ def _tensors(layer: nn.Module) -> list[Tensor]:
     return [t for t in (*layer._parameters.values(), *layer._buffers.values()) if t is not None]
 
 
-def _factory(layer: nn.Module) -> dict:
+def _factory(layer: nn.Module) -> dict[str, Any]:
     """device and dtype of the layer's floating-point state (None: torch's defaults)."""
     for t in _tensors(layer):
         if t.is_floating_point():
@@ -419,15 +470,11 @@ def _take_over(new: nn.Module, old: nn.Module) -> nn.Module:
         if name in new._buffers and buf is not None:
             _check_shape(new._buffers[name], buf, name, old)
             setattr(new, name, buf)
-    params = old._parameters
-    if params.get("weight") is not None and "bias" in params and params["bias"] is None:
-        # A BatchNorm built with bias=False: our layers always have a bias, so it stays a
-        # frozen zero.
-        bias = new._parameters.get("bias")
-        if bias is not None:
-            with torch.no_grad():
-                bias.zero_()
-            bias.requires_grad_(False)
+    for name, param in old._parameters.items():
+        if param is None and new._parameters.get(name) is not None:
+            # A layer built with bias=False: the new one has no bias either, so that state
+            # dicts keep their keys and the old checkpoints load strictly.
+            new.register_parameter(name, None)
     new.train(old.training)
     return new
 
@@ -441,11 +488,11 @@ def _check_shape(mine: Tensor | None, theirs: Tensor, name: str, old: nn.Module)
 
 
 def _batchnorm_to_switchnorm(
-    layer: nn.Module,
+    layer: _BatchNorm,
     target: type[_SwitchNorm],
     init: Init,
     name: str,
-    **sync,
+    **sync: Any,
 ) -> nn.Module | None:
     """A ``target`` switchable layer that starts from ``layer``'s BN state (None: impossible).
 
@@ -460,20 +507,12 @@ def _batchnorm_to_switchnorm(
             stacklevel=2,
         )
         return None
-    if not layer.track_running_stats:
-        warnings.warn(
-            f"{_describe(layer, name)} has track_running_stats=False, so in eval mode it "
-            f"normalizes with batch statistics; the {target.__name__} replacing it uses running "
-            "statistics in eval mode, which start at mean 0 / variance 1. Train it or call "
-            "syncsn.recalibrate before evaluating.",
-            UserWarning,
-            stacklevel=2,
-        )
     new = target(
         layer.num_features,
         eps=layer.eps,
         momentum=layer.momentum,
         affine=layer.affine,
+        track_running_stats=layer.track_running_stats,
         **_factory(layer),
         **sync,
     )
@@ -494,7 +533,7 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
 _SYNC_ATTRS = frozenset({"process_group", "_sync_id", "sync_name"})
 
 
-def _switchnorm_twin(layer: _SwitchNorm, target: type[_SwitchNorm], **sync) -> nn.Module:
+def _switchnorm_twin(layer: _SwitchNorm, target: type[_SwitchNorm], **sync: Any) -> nn.Module:
     """``layer`` as a ``target`` (its local or synchronized twin), sharing all its state."""
     new = target(
         layer.num_features,
@@ -504,6 +543,7 @@ def _switchnorm_twin(layer: _SwitchNorm, target: type[_SwitchNorm], **sync) -> n
         using_bn=layer.using_bn,
         last_gamma=layer.last_gamma,
         affine=layer.affine,
+        track_running_stats=layer.track_running_stats,
         **_factory(layer),
         **sync,
     )

@@ -30,9 +30,10 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,8 @@ __all__ = [
 #: below Linux's ephemeral range (32768+), so an outgoing connection rarely holds it.
 SLURM_PORT_BASE = 20000
 SLURM_PORT_SPAN = 10000
+
+T = TypeVar("T")
 
 
 class LaunchEnvironmentError(RuntimeError):
@@ -198,6 +201,7 @@ def slurm_master_port(job_id: int) -> int:
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _NODE_COUNT_VARS = ("SLURM_STEP_NUM_NODES", "SLURM_NNODES")
+_NODELIST_VARS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 
 
 def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
@@ -263,6 +267,49 @@ def _detect_torchrun(env: Mapping[str, str]) -> LaunchEnv:
     return LaunchEnv("torchrun", rank, world, local, local_world, addr, port)
 
 
+def _parsed(env: Mapping[str, str], name: str, parse: Callable[[str], list[T]]) -> list[T]:
+    """``parse(env[name])``, its ValueError reworded to name the variable."""
+    try:
+        return parse(env[name])
+    except ValueError as e:
+        raise LaunchEnvironmentError(f"{name}={env[name]!r} is malformed: {e}") from None
+
+
+def _check_layout(env: Mapping[str, str], spec_name: str, counts: list[int], world: int) -> None:
+    """The tasks-per-node list against the task count and the node lists and counts.
+
+    srun sets the step's values (SLURM_STEP_*, and SLURM_TASKS_PER_NODE, SLURM_NTASKS,
+    SLURM_NNODES for the step); SLURM_JOB_NODELIST is the job's, which a step may use part of.
+    """
+    listed = f"{spec_name}={env[spec_name]!r}"
+    if sum(counts) != world:
+        raise LaunchEnvironmentError(
+            f"{listed} lists {sum(counts)} tasks but SLURM_NTASKS={world}: the variables "
+            "come from different jobs or steps, or were set by hand"
+        )
+    step_level = spec_name == "SLURM_STEP_TASKS_PER_NODE"
+    same_nodes = ("SLURM_STEP_NUM_NODES",) if step_level else ("SLURM_NNODES",)
+    for name in same_nodes:
+        if name in env and _int(env, name, minimum=1) != len(counts):
+            raise LaunchEnvironmentError(
+                f"{listed} lists {len(counts)} nodes but {name}={env[name]}"
+            )
+    if step_level and env.get("SLURM_STEP_NODELIST"):
+        hosts = _parsed(env, "SLURM_STEP_NODELIST", expand_hostlist)
+        if len(hosts) != len(counts):
+            raise LaunchEnvironmentError(
+                f"{listed} lists {len(counts)} nodes but SLURM_STEP_NODELIST="
+                f"{env['SLURM_STEP_NODELIST']!r} names {len(hosts)}"
+            )
+    if env.get("SLURM_JOB_NODELIST"):
+        hosts = _parsed(env, "SLURM_JOB_NODELIST", expand_hostlist)
+        if len(hosts) < len(counts):
+            raise LaunchEnvironmentError(
+                f"{listed} lists {len(counts)} nodes but the job's SLURM_JOB_NODELIST="
+                f"{env['SLURM_JOB_NODELIST']!r} names only {len(hosts)}"
+            )
+
+
 def _detect_slurm(env: Mapping[str, str]) -> LaunchEnv:
     required = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
     missing = [name for name in required if name not in env]
@@ -287,7 +334,8 @@ def _detect_slurm(env: Mapping[str, str]) -> LaunchEnv:
         (n for n in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if n in env), None
     )
     if spec_name is not None:
-        counts = expand_tasks_per_node(env[spec_name])
+        counts = _parsed(env, spec_name, expand_tasks_per_node)
+        _check_layout(env, spec_name, counts, world)
         node = _int(env, "SLURM_NODEID") if "SLURM_NODEID" in env else 0
         if node >= len(counts):
             raise LaunchEnvironmentError(
@@ -307,21 +355,14 @@ def _detect_slurm(env: Mapping[str, str]) -> LaunchEnv:
     addr, port = env.get("MASTER_ADDR") or None, None
     if world > 1:
         if addr is None:
-            list_name = next(
-                (
-                    n
-                    for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-                    if env.get(n)
-                ),
-                None,
-            )
+            list_name = next((n for n in _NODELIST_VARS if env.get(n)), None)
             if list_name is None:
                 raise LaunchEnvironmentError(
                     "slurm: MASTER_ADDR is not set and neither is SLURM_JOB_NODELIST, so the "
                     "address of rank 0 is unknown"
                 )
             # srun places rank 0 on the first node of the step.
-            addr = expand_hostlist(env[list_name])[0]
+            addr = _parsed(env, list_name, expand_hostlist)[0]
         if env.get("MASTER_PORT"):
             port = _master_port(env)
         elif "SLURM_JOB_ID" in env:
@@ -407,7 +448,7 @@ def init_distributed(
     device = _pick_device(launch.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    chosen = backend or ("nccl" if device.type == "cuda" else "gloo")
+    chosen: str | None = backend or ("nccl" if device.type == "cuda" else "gloo")
 
     if dist.is_available() and dist.is_initialized():
         # Someone else formed the group: adopt it if it agrees with the environment.
@@ -420,7 +461,13 @@ def init_distributed(
     elif launch.world_size > 1:
         if not dist.is_available():
             raise RuntimeError("this torch build has no torch.distributed support")
-        group_args = dict(
+        addr, port = launch.master_addr, launch.master_port
+        if addr is None or port is None:
+            raise LaunchEnvironmentError(
+                f"{launch.launcher}: {launch.world_size} processes but no address of rank 0 "
+                "(set MASTER_ADDR and MASTER_PORT)"
+            )
+        group_args: dict[str, Any] = dict(
             backend=chosen, rank=launch.rank, world_size=launch.world_size, timeout=timeout
         )
         if (
@@ -432,8 +479,8 @@ def init_distributed(
             # read a dead peer's address and hang. Prefix the keys with the restart count.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             agent_store = dist.TCPStore(
-                launch.master_addr,
-                launch.master_port,
+                addr,
+                port,
                 launch.world_size,
                 is_master=False,
                 timeout=timeout,
@@ -441,11 +488,7 @@ def init_distributed(
             store = dist.PrefixStore(f"syncsn/attempt_{attempt}/", agent_store)
             dist.init_process_group(store=store, **group_args)
         else:
-            url = (
-                "env://"
-                if launch.launcher == "torchrun"
-                else _tcp_url(launch.master_addr, launch.master_port)
-            )
+            url = "env://" if launch.launcher == "torchrun" else _tcp_url(addr, port)
             dist.init_process_group(init_method=url, **group_args)
     else:
         chosen = None

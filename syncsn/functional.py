@@ -1,13 +1,14 @@
 """The math of Switchable and Batch Normalization as pure functions on tensors.
 
 Shapes: ``x`` is (N, C, *S) with L = prod(S). Per-sample, per-channel ("instance") statistics
-are (N, C); per-channel statistics (C,); per-sample statistics (N,). Statistics are kept in
-``stats_dtype(x.dtype)``: float32 for float16/bfloat16 input, else the input's dtype.
+are (N, C); per-channel statistics (C,); per-sample statistics (N,). These functions are the
+reference backend's building blocks (:mod:`syncsn.kernels.reference`) and the definition the
+other backends are tested against; nothing here communicates.
 
-Nothing here communicates. The synchronized layers exchange the fixed-size "partials" these
-functions produce (one buffer per rank) and merge them with the parallel-variance formula,
-which is exact for uneven per-rank counts and stable when the mean is far larger than the
-spread.
+The synchronized layers exchange one fixed-size float64 buffer per rank,
+``[count, mean (C), m2 (C)]``, and merge the buffers with the parallel-variance formula
+(:func:`merge_partials`), which is exact for uneven per-rank counts and stable when the mean
+is far larger than the spread.
 """
 
 from __future__ import annotations
@@ -18,24 +19,29 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "stats_dtype",
-    "instance_stats",
-    "layer_stats",
+    "acc_dtype",
+    "spatial_size",
+    "instance_moments",
+    "layer_moments",
     "sample_partials",
-    "merge_sample_partials",
     "element_partials",
-    "merge_element_partials",
+    "merge_partials",
     "mix",
-    "normalize_",
-    "batch_norm_reduce_sums",
-    "combine_grad_",
-    "update_running_stats_",
+    "centred_sums",
+    "fold_running",
+    "check_spatial_size",
+    "switch_norm_eval",
 ]
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are accumulated in float32 for half-precision input."""
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics of float16 / bfloat16 input accumulate in float32."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def spatial_size(x: Tensor) -> int:
+    """L = prod(S) for x of shape (N, C, *S)."""
+    return math.prod(x.shape[2:])
 
 
 def per_sample_channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -43,114 +49,95 @@ def per_sample_channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view(t.shape + (1,) * (ndim - 2))
 
 
-def instance_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def instance_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-(n, c) statistics over the spatial dimensions.
 
     Args:
-        x: (N, C, *S).
+        x: (N, C, *S); (N, C) counts each value as its own instance.
     Returns:
-        centred: x - centre, (N, C, *S) in ``stats_dtype(x.dtype)``, x's memory format; a
-            temporary that :func:`normalize_` turns into the output in place.
-        centre: (N, C) in ``stats_dtype(x.dtype)``, a first-pass mean: the point every
-            full-size pass subtracts (forward and backward), so they stay exact for inputs
-            whose mean is far larger than their spread.
-        mean, m2: (N, C) float64, the mean and sum_l (x - mean)^2. The unbiased instance
-            variance is ``m2 / (L - 1)``.
+        centre (N, C) in ``acc_dtype(x.dtype)``: a first-pass mean, the point every
+        full-size pass subtracts; mean and m2 (N, C) float64: the mean and
+        sum_l (x - mean)^2.
 
-    The exact mean is the centre plus the mean of x - centre: a float32 mean of values near
-    1e4 is off by about 1e-3, the size of the spread of a std-1 input. Float64 is used only
-    for the (N, C) tensors.
+    The exact mean is the centre plus the mean of x - centre, and the squares are summed
+    about the centre, in float64: a float32 mean of values near 1e4 is off by about 1e-3,
+    and float32 squares of values above 1.8e19 overflow.
     """
-    dims = tuple(range(2, x.dim()))
-    acc = stats_dtype(x.dtype)
-    if not dims:  # (N, C): each value is its own instance
-        centre = x.to(acc)
+    acc = acc_dtype(x.dtype)
+    if x.dim() == 2:
         return (
-            torch.zeros_like(centre),
-            centre,
-            x.double(),
-            torch.zeros_like(x, dtype=torch.float64),
+            x.to(acc, copy=True),
+            x.to(torch.float64, copy=True),
+            x.new_zeros(x.shape, dtype=torch.float64),
         )
-    length = math.prod(x.shape[2:])
-    centre = x.mean(dim=dims, dtype=acc)
+    dims = tuple(range(2, x.dim()))
+    length = spatial_size(x)
+    centre = (x.sum(dim=dims, dtype=torch.float64) / max(length, 1)).to(acc)
     centred = x - per_sample_channel_view(centre, x.dim())
-    offset = centred.sum(dim=dims).double() / length
-    sum_sq = torch.linalg.vector_norm(centred, dim=dims).double().square()
+    offset = centred.sum(dim=dims, dtype=torch.float64) / max(length, 1)
+    sum_sq = torch.linalg.vector_norm(centred, dim=dims, dtype=torch.float64).square()
     m2 = (sum_sq - length * offset.square()).clamp_(min=0)
-    return centred, centre, centre.double() + offset, m2
+    return centre, centre.double() + offset, m2
 
 
-def layer_stats(mean_in: Tensor, var_in: Tensor) -> tuple[Tensor, Tensor]:
+def layer_moments(mean_in: Tensor, var_in: Tensor, ddof: int = 0) -> tuple[Tensor, Tensor]:
     """LN scope from instance statistics, in the cancellation-free form.
 
     Args:
         mean_in, var_in: (N, C).
+        ddof: 0, or 1 for the unbiased variance over the C features (SwitchNorm1d).
     Returns:
-        mu_ln (N,) = mean_c mean_in; var_ln (N,) = mean_c var_in + mean_c (mean_in - mu_ln)^2.
+        mu_ln (N,) = mean_c mean_in; var_ln (N,) =
+        (sum_c var_in + sum_c (mean_in - mu_ln)^2) / (C - ddof).
     """
+    c = mean_in.shape[1]
     mu_ln = mean_in.mean(dim=1)
-    var_ln = var_in.mean(dim=1) + (mean_in - mu_ln[:, None]).square().mean(dim=1)
-    return mu_ln, var_ln
+    spread = (mean_in - mu_ln[:, None]).square().sum(dim=1)
+    return mu_ln, (var_in.sum(dim=1) + spread) / (c - ddof)
+
+
+def _partials(count: float, mean: Tensor, m2: Tensor) -> Tensor:
+    head = torch.full((1,), count, dtype=torch.float64, device=mean.device)
+    return torch.cat([head, mean, m2])
 
 
 def sample_partials(mean_in: Tensor, var_in: Tensor) -> Tensor:
-    """One rank's contribution to the SN batch scope, packed for a single collective.
+    """One rank's contribution to SN's batch scope, in which each sample counts once.
 
-    Each sample counts once, whatever its spatial size. Returns a float64 (1 + 3C,) buffer:
-    [n, abar (C), M2 (C), B (C)] with abar the mean of the instance means, M2 the centred sum
-    of squares of the instance means and B the sum of the instance variances. A rank with no
-    samples contributes zeros.
+    Returns the (1 + 2C,) float64 buffer [n, abar, M2 + B]: abar the mean of the instance
+    means, M2 their centred sum of squares and B the sum of the instance variances, so that
+    :func:`merge_partials` gives var_bn = mean_n var_in + mean_n (mean_in - mu_bn)^2 as
+    m2 / count. A rank with no samples contributes zeros.
     """
     n, c = mean_in.shape
-    a = mean_in.double()
     if n == 0:
-        return torch.zeros(1 + 3 * c, dtype=torch.float64, device=mean_in.device)
+        return mean_in.new_zeros(1 + 2 * c, dtype=torch.float64)
+    a = mean_in.double()
     abar = a.mean(dim=0)
-    m2 = (a - abar).square().sum(dim=0)
-    b = var_in.double().sum(dim=0)
-    count = torch.full((1,), float(n), dtype=torch.float64, device=mean_in.device)
-    return torch.cat([count, abar, m2, b])
-
-
-def merge_sample_partials(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge the (world, 1 + 3C) buffers of :func:`sample_partials` (Chan et al.).
-
-    Returns ``count`` (scalar, float64), ``mu_bn`` (C,) and ``var_bn`` (C,) in float64, with
-    var_bn = (sum_r B_r + sum_r [M2_r + n_r (abar_r - mu_bn)^2]) / N_tot. With no samples at
-    all, mu_bn and var_bn are 0 (the caller must not use them).
-    """
-    c = (parts.shape[1] - 1) // 3
-    n_r = parts[:, 0]
-    abar, m2, b = parts[:, 1 : 1 + c], parts[:, 1 + c : 1 + 2 * c], parts[:, 1 + 2 * c :]
-    count = n_r.sum()
-    safe = count.clamp(min=1.0)
-    mu = (n_r[:, None] * abar).sum(dim=0) / safe
-    spread = (m2 + n_r[:, None] * (abar - mu).square()).sum(dim=0)
-    var = (b.sum(dim=0) + spread) / safe
-    return count, mu, var
+    spread = (a - abar).square().sum(dim=0) + var_in.double().sum(dim=0)
+    return _partials(float(n), abar, spread)
 
 
 def element_partials(mean_in: Tensor, m2_in: Tensor, length: int) -> Tensor:
-    """One rank's per-channel contribution to Batch Normalization (pixel-weighted).
+    """One rank's contribution to Batch Normalization, in which each value counts once.
 
-    Built from the instance statistics so the input is read once. Returns a float64
-    (1 + 2C,) buffer: [count, mean (C), M2 (C)], count = N * L.
+    Built from the instance statistics so the input is read once. Returns the (1 + 2C,)
+    float64 buffer [N * L, mean, m2] with m2 the sum of squares about the rank's mean.
     """
     n, c = mean_in.shape
     if n == 0 or length == 0:
-        return torch.zeros(1 + 2 * c, dtype=torch.float64, device=mean_in.device)
+        return mean_in.new_zeros(1 + 2 * c, dtype=torch.float64)
     a = mean_in.double()
     mean = a.mean(dim=0)
     m2 = m2_in.double().sum(dim=0) + length * (a - mean).square().sum(dim=0)
-    count = torch.full((1,), float(n * length), dtype=torch.float64, device=mean_in.device)
-    return torch.cat([count, mean, m2])
+    return _partials(float(n * length), mean, m2)
 
 
-def merge_element_partials(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge the (world, 1 + 2C) buffers of :func:`element_partials`.
+def merge_partials(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge the (world, 1 + 2C) partials of every rank (Chan et al.).
 
-    Returns count (scalar), mean (C,) and m2 (C,) = sum of squares about the global mean,
-    all float64. The biased variance is m2 / count, the unbiased one m2 / (count - 1).
+    Returns count (0-d), mean (C,) and m2 (C,) = sum_r [m2_r + n_r (mean_r - mean)^2], all
+    float64. With no samples at all mean and m2 are 0.
     """
     c = (parts.shape[1] - 1) // 2
     n_r = parts[:, 0]
@@ -161,137 +148,55 @@ def merge_element_partials(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return count, mean, m2
 
 
-def mix(weights: Tensor, scopes: list[Tensor]) -> Tensor:
-    """sum_k weights[k] * scopes[k], the scopes broadcast to (N, C)."""
-    out = weights[0] * scopes[0]
-    for w, s in zip(weights[1:], scopes[1:], strict=True):
-        out = out + w * s
+def mix(weights: Tensor, scopes: list[Tensor | None]) -> Tensor:
+    """sum_k weights[k] * scopes[k] over the scopes that are given, broadcast to (N, C)."""
+    out: Tensor | None = None
+    for k, scope in enumerate(scopes):
+        if scope is not None:
+            term = weights[k] * scope
+            out = term if out is None else out + term
+    assert out is not None
     return out
 
 
-def normalize_(
-    centred: Tensor,
-    centre: Tensor,
-    mean: Tensor,
-    scale: Tensor,
-    bias: Tensor | None,
-    dtype: torch.dtype,
-) -> Tensor:
-    """y = (x - mean) * scale + bias, computed in place from ``centred`` = x - centre.
+def centred_sums(x: Tensor, centre: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward reduction: per-(n, c) S1 = sum dy and S2c = sum dy * (x - centre).
 
     Args:
-        centred: (N, C, *S) from :func:`instance_stats`, overwritten.
-        centre: (N, C) the point ``centred`` was taken about.
-        mean, scale: (N, C) float64 (a per-channel statistic expanded to (N, C) is fine).
-        bias: (C,) or None.
+        x, dy: (N, C, *S); centre: (N, C).
     Returns:
-        y in ``dtype``, with x's memory format.
+        S1, S2c: (N, C) float64.
 
-    Two passes. Scaling x - centre (small numbers) rather than x keeps the output exact when
-    the mean is far larger than the spread (x * scale + shift loses about log10(mean / std)
-    digits); the float64 difference centre - mean goes into the per-(n, c) shift.
+    Uses torch's fused batch-norm backward reduction where the layout allows: applied to x
+    viewed as one sample of N * C channels (contiguous input), or to one sample at a time
+    (channels_last), it gives these sums per (n, c) without a temporary of x's size.
     """
-    shift = (centre.double() - mean) * scale
-    if bias is not None:
-        shift = shift + bias.double()
-    view = lambda t: per_sample_channel_view(t.to(centred.dtype), centred.dim())  # noqa: E731
-    centred.mul_(view(scale)).add_(view(shift))
-    return centred.to(dtype)
-
-
-def batch_norm_reduce_sums(x: Tensor, centre: Tensor, dy: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Per-(n, c) sum dy and sum dy * (x - centre) (float64 (N, C)) in one fused pass.
-
-    Torch's batch-norm backward reduction computes exactly these sums per channel; applied
-    to x viewed as one sample of N * C channels (contiguous input), or to one sample at a time
-    (channels_last), it gives them per (n, c) without a temporary of x's size. Returns None
-    for layouts it does not cover (mixed layouts, non-dense tensors).
-    """
+    acc = acc_dtype(x.dtype)
+    centre = centre.to(acc)
+    if x.dim() == 2:
+        return dy.to(torch.float64, copy=True), ((x.to(acc) - centre) * dy).double()
     n, c = x.shape[:2]
     if x.numel() == 0:
-        return None
-    acc = stats_dtype(x.dtype)
-    centre = centre.to(acc)
+        zeros = x.new_zeros((n, c), dtype=torch.float64)
+        return zeros, zeros.clone()
     if x.is_contiguous() and dy.is_contiguous():
         ones = torch.ones(n * c, dtype=acc, device=x.device)
         _, s2c, s1 = torch.ops.aten.native_batch_norm_backward(
-            dy.view(1, n * c, -1),
-            x.view(1, n * c, -1),
-            ones,
-            None,
-            None,
-            centre.reshape(-1),
-            ones,
-            True,
-            0.0,
-            [False, True, True],
-        )
+            dy.view(1, n * c, -1), x.view(1, n * c, -1), ones, None, None,
+            centre.reshape(-1), ones, True, 0.0, [False, True, True],
+        )  # fmt: skip
         return s1.view(n, c).double(), s2c.view(n, c).double()
-    layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-    if (
-        x.dim() in (4, 5)
-        and x.is_contiguous(memory_format=layout)
-        and dy.is_contiguous(memory_format=layout)
-    ):
-        ones = torch.ones(c, dtype=acc, device=x.device)
-        s1 = x.new_empty((n, c), dtype=torch.float64)
-        s2c = x.new_empty((n, c), dtype=torch.float64)
-        for i in range(n):
-            _, s2c[i], s1[i] = torch.ops.aten.native_batch_norm_backward(
-                dy[i : i + 1],
-                x[i : i + 1],
-                ones,
-                None,
-                None,
-                centre[i],
-                ones,
-                True,
-                0.0,
-                [False, True, True],
-            )
-        return s1, s2c
-    return None
+    dims = tuple(range(2, x.dim()))
+    centred = x.to(acc) - per_sample_channel_view(centre, x.dim())
+    s1 = dy.sum(dim=dims, dtype=torch.float64)
+    s2c = (centred * dy).sum(dim=dims, dtype=torch.float64)
+    return s1, s2c
 
 
-def combine_grad_(
-    centred: Tensor, dy: Tensor, k_dy: Tensor, k_x: Tensor, k_0: Tensor, dtype: torch.dtype
-) -> Tensor:
-    """dx = k_dy * dy + k_x * centred + k_0, overwriting ``centred`` (= x - centre).
-
-    Every layer's input gradient has this form, with per-(n, c) coefficients (N, C). Working
-    on the centred input, not x, keeps it exact for inputs with a large mean.
-    """
-    view = lambda t: per_sample_channel_view(t.to(centred.dtype), centred.dim())  # noqa: E731
-    centred.mul_(view(k_x)).add_(view(k_0)).addcmul_(dy, view(k_dy))
-    return centred.to(dtype)
-
-
-def update_running_stats_(
-    running_mean: Tensor,
-    running_var: Tensor,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-    batch_mean: Tensor,
-    batch_var: Tensor,
-    valid: Tensor,
-) -> None:
-    """running = (1 - momentum) * running + momentum * batch, in place, where ``valid``.
-
-    ``momentum=None`` gives the cumulative average over ``num_batches_tracked`` batches.
-    ``valid`` is a 0-d bool tensor (identical on all ranks): an empty global batch or a
-    non-finite statistic leaves every buffer, the batch counter too, untouched. Written with
-    ``torch.where`` so that no host synchronisation is needed on a GPU.
-    """
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(valid.to(num_batches_tracked.dtype))
-    if momentum is None:
-        assert num_batches_tracked is not None
-        factor = 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
-    else:
-        factor = torch.tensor(momentum, dtype=running_mean.dtype, device=running_mean.device)
-    for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
-        batch = torch.nan_to_num(batch.to(running.dtype))
-        running.copy_(torch.where(valid, running + factor * (batch - running), running))
+def fold_running(running: Tensor, batch: Tensor, factor: Tensor | float) -> Tensor:
+    """(1 - factor) * running + factor * batch in float64, in ``running``'s dtype."""
+    r = running.double()
+    return (r + factor * (batch - r)).to(running.dtype)
 
 
 def check_spatial_size(length: int, layer: str) -> None:
@@ -306,5 +211,54 @@ def check_spatial_size(length: int, layer: str) -> None:
         )
 
 
-def spatial_size(x: Tensor) -> int:
-    return math.prod(x.shape[2:])
+def switch_norm_eval(
+    x: Tensor,
+    w: Tensor,
+    v: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    ddof: int = 0,
+) -> Tensor:
+    """Switchable Normalization in eval mode, in plain torch operations and x's precision.
+
+    The graph torch.export and the ONNX exporter record: a few reductions and one affine
+    pass, computed in ``acc_dtype(x.dtype)`` (no float64: eval merges nothing across ranks).
+
+    Args:
+        x: (N, C, *S), or (N, C) with ``ddof=1`` (SwitchNorm1d).
+        w, v: (3,) mixing weights over (IN, LN, BN) for means and variances.
+        running_mean, running_var: (C,) the BN scope, or None without one.
+        weight, bias: (C,) or None.
+    """
+    acc = acc_dtype(x.dtype)
+
+    def cast(t: Tensor) -> Tensor:  # no cast node in the graph when none is needed
+        return t if t.dtype == acc else t.to(acc)
+
+    xs = cast(x)
+    c = x.shape[1]
+    if x.dim() == 2:
+        mean_in, var_in = xs, None
+    else:
+        var_in, mean_in = torch.var_mean(xs, dim=tuple(range(2, x.dim())), correction=1)
+    mu_ln = mean_in.mean(dim=1, keepdim=True)
+    spread = (mean_in - mu_ln).square()
+    var_ln = (spread if var_in is None else var_in + spread).sum(dim=1, keepdim=True) / (c - ddof)
+    w, v = cast(w), cast(v)
+    mu = w[1] * mu_ln + (w[0] * mean_in if var_in is not None else 0)
+    var = v[1] * var_ln + (v[0] * var_in if var_in is not None else 0)
+    if running_mean is not None and running_var is not None:
+        mu = mu + w[2] * cast(running_mean)
+        var = var + v[2] * cast(running_var)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * cast(weight)
+    # x - mu first: scaling x itself loses log10(mean / std) digits for a large mean.
+    view = (*x.shape[:2], *([1] * (x.dim() - 2)))
+    y = (xs - mu.view(view)) * scale.view(view)
+    if bias is not None:
+        y = y + cast(bias).view(1, c, *([1] * (x.dim() - 2)))
+    return y if y.dtype == x.dtype else y.to(x.dtype)

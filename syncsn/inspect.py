@@ -24,6 +24,14 @@ def switch_weights(model: nn.Module) -> dict[str, dict[str, Importances]]:
     with the layer's mixing weights (softmax of the logits, or sparsestmax for the sparse
     layers) as Python floats. A scope the layer does not have (IN in a SwitchNorm1d, BN with
     ``using_bn=False``) is None. The root, when it is itself a switchable layer, is ``""``.
+
+    Args:
+        model: any module; its switchable layers are found with ``named_modules()``.
+
+    Example::
+
+        >>> syncsn.switch_weights(nn.Sequential(syncsn.SwitchNorm2d(4)))
+        {'0': {'mean': (0.333..., 0.333..., 0.333...), 'var': (0.333..., 0.333..., 0.333...)}}
     """
     out: dict[str, dict[str, Importances]] = {}
     for name, layer in model.named_modules():
@@ -44,6 +52,10 @@ def _by_scope(scopes: tuple[str, ...], values: list[float]) -> Importances:
 
 def format_switch_weights(weights: dict[str, dict[str, Importances]], digits: int = 3) -> str:
     """A plain-text table of :func:`switch_weights`' result, one row per layer.
+
+    Args:
+        weights: the result of :func:`switch_weights`.
+        digits: decimals shown.
 
     Example::
 

@@ -54,6 +54,11 @@ def param_groups(
     Returns:
         A list of dicts ``{"name", "params", "lr", "weight_decay"}`` to pass to a
         ``torch.optim`` optimizer, default group first.
+
+    Example::
+
+        >>> optimizer = torch.optim.SGD(param_groups(model, lr=0.02, weight_decay=1e-4),
+        ...                             momentum=0.9)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -64,7 +69,8 @@ def param_groups(
     _check_non_negative("switch_lr_scale", switch_lr_scale)
     _check_non_negative("switch_weight_decay", switch_weight_decay)
 
-    default, switch = [], []
+    default: list[nn.Parameter] = []
+    switch: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

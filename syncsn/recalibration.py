@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
 
 from . import comm
+from . import functional as F
 from .batchnorm import SyncBatchNorm
 from .switchnorm import _SwitchNorm, _SyncMixin
 
@@ -65,13 +67,20 @@ def recalibrate(
 
     Returns:
         ``model``.
+
+    Example::
+
+        >>> loader = DataLoader(train_set, batch_size=2, shuffle=True, drop_last=True)
+        >>> syncsn.recalibrate(model, loader, num_batches=200)  # every rank
+        >>> model.eval()
     """
     if num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+    # _BatchNorm: torch's batch normalization layers and syncsn's, the switchable ones too.
     layers = [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, (_BatchNorm, _SwitchNorm)) and m.running_mean is not None
+        if isinstance(m, _BatchNorm) and m.running_mean is not None
     ]
     if not layers:
         warnings.warn(
@@ -85,7 +94,7 @@ def recalibrate(
     settings = [(m, m.momentum, getattr(m, "using_moving_average", None)) for _, m in layers]
     originals = {m: [b.clone() for b in _stat_buffers(m)] for _, m in layers}
     recorder = _Recorder()
-    handles = []
+    handles: list[RemovableHandle] = []
     finished = False
     try:
         for _, m in layers:
@@ -100,11 +109,11 @@ def recalibrate(
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes:
-            m.training = training
+        for module, training in modes:
+            module.training = training
         for m, momentum, moving in settings:
             m.momentum = momentum
-            if moving is not None:
+            if isinstance(m, _SwitchNorm) and moving is not None:
                 m.using_moving_average = moving
         if not finished:
             _restore(originals)
@@ -124,65 +133,65 @@ def recalibrate(
             if count == 0:
                 _restore({m: originals[m]})
                 continue
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.fill_(count)
+            running_mean, running_var, tracked = _stat_buffers(m)
+            running_mean.copy_(mean)
+            running_var.copy_(var)
+            tracked.fill_(count)
     return model
 
 
 # --- the math: batch statistics pooled as one large batch -----------------------------------
-# A pool is one float64 tensor (1 + 3C,): [count, mean of the batch means (C), centred sum of
-# squares of the batch means (C), sum of the batch variances (C)]. Packed so that the pools
-# of all ranks cross the wire in one collective.
+# A pool is a partials buffer of syncsn.functional (1 + 2C,), [count, mean, m2], in which each
+# batch counts once: a batch with mean m and variance v is the row [1, m, v], and merging the
+# rows with the parallel-variance formula gives m2 / count = mean of the batch variances plus
+# the variance of the batch means. The pools of all ranks merge the same way, in one
+# collective.
 
 
 def empty_pool(num_features: int, device: torch.device | str | None = None) -> Tensor:
-    return torch.zeros(1 + 3 * num_features, dtype=torch.float64, device=device)
+    return torch.zeros(1 + 2 * num_features, dtype=torch.float64, device=device)
+
+
+def _pack(count: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
+    return torch.cat([count.reshape(1), mean, m2])
 
 
 def add_to_pool_(pool: Tensor, mean: Tensor, var: Tensor, valid: Tensor) -> None:
-    """Welford update with one batch's mean and variance (C,), where the 0-d ``valid``."""
-    c = mean.numel()
-    count, pmean, m2, vsum = pool[:1], pool[1 : 1 + c], pool[1 + c : 1 + 2 * c], pool[1 + 2 * c :]
-    mean, var = mean.double(), var.double()
-    new_count = count + valid.double()
-    delta = mean - pmean
-    new_mean = pmean + delta / new_count.clamp(min=1)
-    pmean.copy_(torch.where(valid, new_mean, pmean))
-    m2.add_(torch.where(valid, delta * (mean - pmean), 0.0))
-    vsum.add_(torch.where(valid, var, 0.0))
-    count.copy_(new_count)
+    """Add one batch's mean and variance (C,) to ``pool``, where the 0-d ``valid``."""
+    batch = _pack(torch.ones_like(pool[0]), mean.double(), var.double())
+    merged = _pack(*F.merge_partials(torch.stack([pool, batch])))
+    pool.copy_(torch.where(valid, merged, pool))
 
 
 def merge_pools(pools: Tensor) -> Tensor:
-    """Merge (R, 1 + 3C) pools (Chan et al.) into one (1 + 3C,) pool."""
-    c = (pools.shape[1] - 1) // 3
-    n = pools[:, 0]
-    means, m2, vsum = pools[:, 1 : 1 + c], pools[:, 1 + c : 1 + 2 * c], pools[:, 1 + 2 * c :]
-    count = n.sum()
-    mean = (n[:, None] * means).sum(dim=0) / count.clamp(min=1)
-    spread = (m2 + n[:, None] * (means - mean).square()).sum(dim=0)
-    return torch.cat([count[None], mean, spread, vsum.sum(dim=0)])
+    """Merge (R, 1 + 2C) pools into one (1 + 2C,) pool."""
+    return _pack(*F.merge_partials(pools))
 
 
 def pooled_statistics(pool: Tensor) -> tuple[int, Tensor, Tensor]:
     """(count, mean, var): mean of the batch means; mean of the batch variances plus the
     (population) variance of the batch means."""
-    c = (pool.numel() - 1) // 3
+    c = (pool.numel() - 1) // 2
     count = int(pool[0].item())
-    n = max(count, 1)
-    mean, m2, vsum = pool[1 : 1 + c], pool[1 + c : 1 + 2 * c], pool[1 + 2 * c :]
-    return count, mean, vsum / n + m2 / n
+    return count, pool[1 : 1 + c], pool[1 + c :] / max(count, 1)
 
 
 # --- plumbing ------------------------------------------------------------------------------
 
 
-def _stat_buffers(m: nn.Module) -> list[Tensor]:
-    return [m.running_mean, m.running_var, m.num_batches_tracked]
+def _stat_buffers(m: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """running_mean, running_var, num_batches_tracked of a layer that has them."""
+    buffers = (
+        getattr(m, "running_mean", None),
+        getattr(m, "running_var", None),
+        getattr(m, "num_batches_tracked", None),
+    )
+    if not all(isinstance(b, Tensor) for b in buffers):
+        raise ValueError(f"recalibrate: {type(m).__name__} has no running statistics")
+    return cast(tuple[Tensor, Tensor, Tensor], buffers)
 
 
-def _restore(originals: dict[nn.Module, list[Tensor]]) -> None:
+def _restore(originals: Mapping[_BatchNorm, list[Tensor]]) -> None:
     with torch.no_grad():
         for m, saved in originals.items():
             for buf, value in zip(_stat_buffers(m), saved, strict=True):
@@ -200,20 +209,22 @@ class _Recorder:
         self.pools: dict[nn.Module, Tensor] = {}
         self._counters: dict[nn.Module, Tensor] = {}
 
-    def attach(self, m: nn.Module) -> list:
-        self.pools[m] = empty_pool(m.num_features, m.running_mean.device)
+    def attach(self, m: _BatchNorm) -> list[RemovableHandle]:
+        self.pools[m] = empty_pool(m.num_features, _stat_buffers(m)[0].device)
         return [m.register_forward_pre_hook(self.before), m.register_forward_hook(self.after)]
 
     def before(self, m: nn.Module, args: tuple) -> None:
         # Zeroed buffers and momentum 1: running + 1 * (batch - running) is the batch value.
-        m.running_mean.zero_()
-        m.running_var.zero_()
-        self._counters[m] = m.num_batches_tracked.clone()
+        mean, var, tracked = _stat_buffers(m)
+        mean.zero_()
+        var.zero_()
+        self._counters[m] = tracked.clone()
 
     def after(self, m: nn.Module, args: tuple, output: Any) -> None:
         # A layer skips the update for an empty or non-finite batch; its counter tells.
-        valid = m.num_batches_tracked != self._counters.pop(m)
-        add_to_pool_(self.pools[m], m.running_mean, m.running_var, valid)
+        mean, var, tracked = _stat_buffers(m)
+        valid = tracked != self._counters.pop(m)
+        add_to_pool_(self.pools[m], mean, var, valid)
 
 
 def _collective_device() -> torch.device:
@@ -235,6 +246,7 @@ def _run(
     bar = _Progress(num_batches, enabled=progress and main)
     iterator = iter(batches)
     seen = 0
+    batch: Any
     with torch.no_grad():
         while seen < num_batches:
             batch = next(iterator, _END)
@@ -260,7 +272,7 @@ def _run(
 _END = object()
 
 
-def _merge_across_ranks(layers: list[nn.Module], pools: dict[nn.Module, Tensor]) -> None:
+def _merge_across_ranks(layers: Sequence[nn.Module], pools: dict[nn.Module, Tensor]) -> None:
     """Replace each local layer's pool by the merge of every rank's (one all_gather)."""
     flat = torch.cat([pools[m].to(_collective_device()) for m in layers])
     gathered = comm.all_gather_stacked(flat, None)

@@ -16,18 +16,26 @@ With ``SYNCSN_DEBUG=1`` the ranks compare their decisions and raise instead of h
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
+from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import comm
-from .sparsemax import is_one_hot, sparsestmax
+from .deferred import DeferredRead
+from .sparsemax import _sparsestmax_unchecked
 from .switchnorm import (
     SwitchNorm1d,
     SwitchNorm2d,
     SwitchNorm3d,
+    _SwitchNorm,
     _SyncMixin,
+    layer_doc,
 )
 
 __all__ = [
@@ -44,41 +52,105 @@ __all__ = [
 NOT_FROZEN = -1
 
 
-def _sparse_weights(logits: Tensor, radius: Tensor) -> Tensor:
-    """sparsestmax(logits, radius) (K,), computed in at least float32: float16 resolves
-    the push too coarsely to tell a vertex from a point near it."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return sparsestmax(logits, radius)
+def _weights_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the switch weights are computed in: at least float32, since float16
+    resolves the push too coarsely to tell a vertex from a point near it."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _frozen_weights(logits: Tensor, index: int) -> Tensor:
-    """The one-hot vector (K,) selecting scope ``index``.
+def _one_hot_rows(frozen: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """(2, K): row i selects scope ``frozen[i]`` (all zeros for -1), built on the device."""
+    return (torch.arange(k, device=frozen.device) == frozen.unsqueeze(-1)).to(dtype)
 
-    The logits stay in the autograd graph with a zero gradient: the weights of a one-hot
-    sparsestmax have a zero gradient anyway, and DistributedDataParallel expects every
-    parameter that requires grad to receive one in each step.
+
+def _newly_frozen(frozen: Tensor, weights: Tensor) -> Tensor:
+    """``frozen`` (2,) with every vector not frozen yet whose ``weights`` (2, K) are one-hot
+    set to the scope they select. One-hot is the structural test of :func:`is_one_hot`
+    (exactly one non-zero entry), made on the device."""
+    one_hot = torch.count_nonzero(weights, dim=-1) == 1
+    return torch.where((frozen < 0) & one_hot, weights.argmax(dim=-1), frozen)
+
+
+def _check_frozen(layer: str, scopes: tuple[str, ...], mean: int, var: int) -> None:
+    for name, value in (("frozen_mean", mean), ("frozen_var", var)):
+        if not NOT_FROZEN <= value < len(scopes):
+            raise ValueError(
+                f"{layer}: buffer {name} must be -1 (not frozen) or an index into scopes "
+                f"{scopes}, got {value}"
+            )
+
+
+class _FrozenReads:
+    """What the host knows of one layer's ``frozen_mean`` / ``frozen_var`` buffers.
+
+    The buffers change on the device, in the training step that finds a vector one-hot.
+    Each training step publishes them to the host through
+    :class:`~syncsn.deferred.DeferredRead` (at once on CPU, one step late on CUDA; every rank
+    publishes at the same steps, so every rank learns at the same step) until the host has
+    read both as frozen: the layer is then *settled*. A settled layer builds its one-hot
+    weights without sparsestmax and, frozen off BN, skips the batch scope and its
+    collectives. Before, the weights come from the buffers on the device, so they are the
+    same either way; the host's knowledge only decides what need not be computed.
+
+    Only a training step writes the buffers by itself. Whatever else writes them
+    (``reset_parameters``, ``load_state_dict``) must make the layer start over with a new
+    instance (:meth:`_SparseSwitchMixin._frozen_changed`); so do deep copies and pickles.
     """
-    one_hot = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-    one_hot[index] = 1
-    if torch.is_grad_enabled() and logits.requires_grad:
-        one_hot = one_hot + logits * 0
-    return one_hot
+
+    def __init__(self) -> None:
+        self.key = next(_read_keys)
+        self.reader = DeferredRead()
+        # (mean, var) scope indices once the host has read both as frozen, else None.
+        self.settled: tuple[int, int] | None = None
+        _frozen_reads[self.key] = self
+
+    def __deepcopy__(self, memo: dict) -> _FrozenReads:
+        return _FrozenReads()
+
+    def __reduce__(self) -> tuple:
+        return (_FrozenReads, ())
+
+    def learn(self, values: np.ndarray, layer: str, scopes: tuple[str, ...]) -> None:
+        mean, var = (int(value) for value in values)
+        _check_frozen(layer, scopes, mean, var)
+        if mean >= 0 and var >= 0:
+            self.settled = (mean, var)
+
+
+_read_keys = itertools.count()
+_frozen_reads: weakref.WeakValueDictionary[int, _FrozenReads] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("syncsn::publish_frozen", mutates_args=())
+def _publish_frozen(frozen: Tensor, key: int, layer: str, scopes: str) -> Tensor:
+    """Publish a training step's ``frozen`` (2,) to the host and learn what is due; returns a
+    copy for the buffers, so that no compiler drops the op."""
+    reads = _frozen_reads.get(key)
+    if reads is not None:
+        due = reads.reader.publish(frozen)
+        if due is not None:
+            reads.learn(due, layer, tuple(scopes.split(",")))
+    return frozen.clone()
+
+
+@_publish_frozen.register_fake
+def _(frozen, key, layer, scopes):
+    return torch.empty_like(frozen)
 
 
 def _check_same_selection(
-    layer: str, selection: list[int], group: object, device: torch.device
+    layer: str, selection: list[int], group: dist.ProcessGroup | None, device: torch.device
 ) -> None:
     """SYNCSN_DEBUG: raise on every rank when the ranks disagree on what is frozen.
 
-    Costs one small collective per training step until the layer is fully frozen. Without it
-    a rank that stopped synchronizing its batch scope would leave the others waiting.
+    One call on the debug side channel (see :func:`syncsn.comm.check_same_layer`) per training
+    step until the layer is fully frozen. Without it a rank that stopped synchronizing its
+    batch scope would leave the others waiting. ``device`` is unused.
     """
-    mine = torch.tensor(selection, dtype=torch.float64, device=device)
-    everyone = comm.all_gather_stacked(mine, group)
-    if not bool((everyone == mine).all()):
-        per_rank = [tuple(int(i) for i in row) for row in everyone.tolist()]
-        raise RuntimeError(
+    details = comm.check_same_call(group, "the switch-weight check of", layer, str(selection))
+    if len(set(details)) > 1:
+        per_rank = [tuple(int(i) for i in d.strip("[]").split(",")) for d in details]
+        raise comm.DebugCheckError(
             f"SYNCSN_DEBUG: {layer}: the ranks disagree on which switch weights are frozen; "
             f"(mean, var) scope index per rank, -1 = not frozen: {per_rank}. The switch logits "
             "(mean_weight, var_weight) and the radius must be identical on every rank: train "
@@ -87,7 +159,7 @@ def _check_same_selection(
         )
 
 
-class _SparseSwitchMixin:
+class _SparseSwitchMixin(_SwitchNorm):
     """Sparsestmax switch weights, the radius and the frozen selections of an SSN layer.
 
     Buffers (in the state dict, identical on every rank):
@@ -103,24 +175,80 @@ class _SparseSwitchMixin:
     they were (they are never used again).
     """
 
-    scopes: tuple[str, ...]
-    training: bool
-    mean_weight: nn.Parameter
-    var_weight: nn.Parameter
     radius: Tensor
     frozen_mean: Tensor
     frozen_var: Tensor
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        factory = {"device": self.mean_weight.device}
-        self.register_buffer("radius", torch.zeros((), dtype=self.mean_weight.dtype, **factory))
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        using_moving_average: bool = True,
+        using_bn: bool = True,
+        last_gamma: bool = False,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            using_moving_average,
+            using_bn,
+            last_gamma,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+        )
+        where = self.mean_weight.device
+        self.register_buffer("radius", torch.zeros((), dtype=self.mean_weight.dtype, device=where))
         for name in ("frozen_mean", "frozen_var"):
-            self.register_buffer(name, torch.full((), NOT_FROZEN, dtype=torch.long, **factory))
+            self.register_buffer(name, torch.full((), NOT_FROZEN, dtype=torch.long, device=where))
         # Host copy of the frozen indices, refreshed when a buffer is replaced or written to
         # (load_state_dict, .to(), fill_): reading a GPU buffer on every step would stall it.
         self._frozen_key: tuple | None = None
         self._frozen_cache = (NOT_FROZEN, NOT_FROZEN)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The SSN authors' layers flag a frozen vector with ``mean_fixed`` / ``var_fixed``
+        # (one-element long tensors, 0 or 1) and, when freezing it, overwrite its logits with
+        # the one-hot selection, so the frozen scope is the largest logit. Their radius is a
+        # one-element vector.
+        for flag, ours, logits in (
+            ("mean_fixed", "frozen_mean", "mean_weight"),
+            ("var_fixed", "frozen_var", "var_weight"),
+        ):
+            fixed = state_dict.pop(prefix + flag, None)
+            if fixed is None or prefix + ours in state_dict:
+                continue
+            selection = state_dict.get(prefix + logits)
+            index = NOT_FROZEN
+            if bool(fixed.reshape(-1)[0]) and selection is not None:
+                index = int(selection.argmax())
+            state_dict[prefix + ours] = torch.tensor(index, dtype=torch.long)
+        radius = state_dict.get(prefix + "radius")
+        if radius is not None and radius.dim() == 1 and radius.numel() == 1:
+            state_dict[prefix + "radius"] = radius.reshape(())
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._frozen_loaded()
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -129,109 +257,203 @@ class _SparseSwitchMixin:
         if "frozen_mean" in self._buffers:
             self.frozen_mean.fill_(NOT_FROZEN)
             self.frozen_var.fill_(NOT_FROZEN)
+        self._frozen_changed()
+
+    def _frozen_changed(self) -> None:
+        """Make the host forget what it knew of the frozen buffers: call this whenever they
+        are written outside a training step (the next training step reads them again)."""
+        self._frozen_reads = _FrozenReads()
+
+    def _frozen_loaded(self) -> None:
+        """After load_state_dict: check the loaded selections (a host read, outside any
+        training step) and make the host learn them again."""
+        if not self.frozen_mean.is_meta:
+            self._frozen_indices()
+        self._frozen_changed()
+
+    def _reads(self) -> _FrozenReads:
+        reads = getattr(self, "_frozen_reads", None)
+        if reads is None:  # a layer unpickled from an older version of the class
+            reads = self._frozen_reads = _FrozenReads()
+        return reads
 
     def _frozen_indices(self) -> tuple[int, int]:
-        """(mean, var) frozen scope indices, -1 when not frozen; no device read when unchanged."""
-        buffers = (self.frozen_mean, self.frozen_var)
-        key = tuple((id(b), b._version) for b in buffers)
-        if key != self._frozen_key:
-            values = tuple(int(b) for b in buffers)
-            for name, value in zip(("frozen_mean", "frozen_var"), values, strict=True):
-                if not NOT_FROZEN <= value < len(self.scopes):
-                    raise ValueError(
-                        f"{type(self).__name__}: buffer {name} must be -1 (not frozen) or an "
-                        f"index into scopes {self.scopes}, got {value}"
-                    )
-            self._frozen_cache = values
-            self._frozen_key = key
-        return self._frozen_cache
+        """(mean, var) frozen scope indices, -1 when not frozen, read from the buffers.
+
+        A device read: for inspecting a layer, not for its training step (which never reads
+        the buffers on the host, see :class:`_FrozenReads`).
+        """
+        mean, var = int(self.frozen_mean), int(self.frozen_var)
+        _check_frozen(type(self).__name__, self.scopes, mean, var)
+        return mean, var
 
     @property
     def frozen_scopes(self) -> tuple[str | None, str | None]:
         """Names of the scopes the (means, variances) are frozen on; None when not frozen."""
-        return tuple(self.scopes[i] if i >= 0 else None for i in self._frozen_indices())
+        mean, var = self._frozen_indices()
+        return (self.scopes[mean] if mean >= 0 else None, self.scopes[var] if var >= 0 else None)
 
     def mixing_weights(self) -> tuple[Tensor, Tensor]:
         """The importance of each scope (K,) for the means and for the variances:
-        ``sparsestmax(logits, radius)``, or the one-hot selection once frozen."""
-        weights = []
-        for logits, index in zip(
-            (self.mean_weight, self.var_weight), self._frozen_indices(), strict=True
-        ):
-            if index >= 0:
-                weights.append(_frozen_weights(logits, index))
-            else:
-                weights.append(_sparse_weights(logits, self.radius))
+        ``sparsestmax(logits, radius)``, or the one-hot selection once frozen. Computed on
+        the device from the logits and the ``frozen_*`` buffers (no host read); float32 for
+        float16 / bfloat16 parameters."""
+        weights, _, _ = self._weights(self._reads().settled is not None)
         return weights[0], weights[1]
 
-    def _forward_weights(self) -> tuple[Tensor, Tensor]:
-        w, v = self.mixing_weights()
-        if self.training:
-            self._freeze_one_hot(w, v)
-        mean_index, var_index = self._frozen_indices()
-        if "bn" in self.scopes and mean_index >= 0 and var_index >= 0:
-            bn = self.scopes.index("bn")
-            if bn not in (mean_index, var_index):
-                # BN is the last scope: without it the Function neither computes the batch
-                # statistics nor communicates (the dropped weights are exactly 0).
-                return w[:bn], v[:bn]
-        return w, v
+    def _weights(self, settled: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(2, K) weights of the means and the variances, the sparsestmax weights they come
+        from (None when ``settled``: both frozen) and the frozen indices (2,) they used."""
+        logits = torch.stack([self.mean_weight, self.var_weight])
+        frozen = torch.stack([self.frozen_mean, self.frozen_var])
+        dtype = _weights_dtype(logits.dtype)
+        one_hot = _one_hot_rows(frozen, len(self.scopes), dtype)
+        if settled:
+            # The logits stay in the autograd graph with a zero gradient: the weights of a
+            # one-hot sparsestmax have a zero gradient anyway, and DistributedDataParallel
+            # expects every parameter that requires grad to receive one in each step.
+            if torch.is_grad_enabled() and logits.requires_grad:
+                one_hot = one_hot + logits.to(dtype) * 0
+            return one_hot, None, frozen
+        # Both vectors in one call: the same bits as two, half the operations.
+        sparse = _sparsestmax_unchecked(logits.to(dtype), self.radius.to(dtype))
+        return torch.where(frozen.unsqueeze(-1) >= 0, one_hot, sparse), sparse, frozen
 
-    def _freeze_one_hot(self, w: Tensor, v: Tensor) -> None:
-        """Record the vectors that have become one-hot (training mode only)."""
-        before = self._frozen_indices()
-        if min(before) >= 0:
-            return
-        selection = list(before)
-        for i, weights in enumerate((w, v)):
-            if selection[i] < 0 and is_one_hot(weights.detach()):
-                selection[i] = int(weights.detach().argmax())
-        sync = self._sync_spec()
-        if sync.active and comm.debug_enabled():
-            identity = sync.identity
-            name = f"'{identity}'" if isinstance(identity, str) else f"#{identity}"
-            _check_same_selection(f"{sync.layer} {name}", selection, sync.group, w.device)
-        if tuple(selection) != before:
-            self.frozen_mean.fill_(selection[0])
-            self.frozen_var.fill_(selection[1])
+    def _forward_weights(self) -> tuple[Tensor, Tensor, bool]:
+        reads = self._reads()
+        weights, sparse, frozen = self._weights(reads.settled is not None)
+        if self.training and sparse is not None:
+            self._freeze_one_hot(sparse.detach(), frozen, reads)
+        use_bn = self.using_bn
+        # Read after the freezing step: on CPU the host knows at once what it froze.
+        settled = reads.settled
+        if settled is not None and "bn" in self.scopes:
+            # Frozen off BN: without the BN scope the Function neither computes the batch
+            # statistics nor communicates (its weights are exactly 0). Until the host knows,
+            # the batch scope is computed with weight 0, which gives the same output.
+            use_bn = use_bn and self.scopes.index("bn") in settled
+        return weights[0], weights[1], use_bn
+
+    def _freeze_one_hot(self, weights: Tensor, frozen: Tensor, reads: _FrozenReads) -> None:
+        """Record in the buffers the vectors whose ``weights`` (2, K) have become one-hot,
+        on the device, and publish the result to the host (training mode only)."""
+        selection = _newly_frozen(frozen, weights)
+        group, _ = self._sync_target()
+        if group is not None and comm.debug_enabled() and not torch.compiler.is_compiling():
+            process_group = getattr(self, "process_group", None)
+            _check_same_selection(
+                self._describe(), selection.tolist(), process_group, weights.device
+            )
+        selection = torch.ops.syncsn.publish_frozen(
+            selection, reads.key, type(self).__name__, ",".join(self.scopes)
+        )
+        with torch.no_grad():
+            self.frozen_mean.copy_(selection[0])
+            self.frozen_var.copy_(selection[1])
+
+
+_SSN_SUMMARY = r"""Sparse Switchable Normalization over {what} (Shao et al., CVPR 2019).
+
+    :class:`~syncsn.{sn}` with the importance weights of the scopes computed by
+    :math:`w = \mathrm{{sparsestmax}}(\text{{mean\_weight}}, r)`,
+    :math:`v = \mathrm{{sparsestmax}}(\text{{var\_weight}}, r)` instead of softmax
+    (:func:`~syncsn.sparsestmax`). The radius :math:`r` (buffer ``radius``, set by
+    :func:`set_radius` or :class:`RadiusSchedule`) grows from 0 to 1 over training and drives
+    each weight vector to a single scope: every vector whose logits are not tied is one-hot
+    from :math:`r = {onehot}` on. A vector that has become one-hot in training is frozen
+    (buffers ``frozen_mean``, ``frozen_var``: the index into ``scopes``, -1 while not frozen)
+    and the layer computes only its selected scope from then on.{sync_note}
+
+    State dicts of the SSN authors' layers (``mean_fixed`` / ``var_fixed`` flags, a
+    one-element ``radius``, (1, C, 1, 1) parameters) load directly, frozen selections
+    included.
+"""
+
+_SYNC_NOTE = """ One collective each way while BN
+    may be selected; none once the means and the variances are both frozen on IN or LN."""
+
+
+def _ssn_doc(what: str, sn: str, shape: str, without_bn: str, example: str, sync: bool) -> str:
+    onehot = "sqrt(1/2)" if shape == "(N, C)" else "sqrt(2/3)"
+    summary = _SSN_SUMMARY.format(
+        what=what, sn=sn, onehot=onehot, sync_note=_SYNC_NOTE if sync else ""
+    )
+    return layer_doc(summary, shape, without_bn, example, sync)
 
 
 class SparseSwitchNorm1d(_SparseSwitchMixin, SwitchNorm1d):
-    """Sparse Switchable Normalization over (N, C) features: scopes LN and BN.
-
-    Same constructor, parameters and state as :class:`~syncsn.SwitchNorm1d`, plus the
-    ``radius``, ``frozen_mean`` and ``frozen_var`` buffers. Every vector is one-hot from
-    radius sqrt(1/2) on.
-    """
+    __doc__ = _ssn_doc(
+        "a 2-D input :math:`(N, C)`; scopes LN and BN",
+        "SwitchNorm1d",
+        "(N, C)",
+        "LN alone",
+        """        >>> m = syncsn.SparseSwitchNorm1d(100)
+        >>> schedule = syncsn.RadiusSchedule(m, total_steps=1000)
+        >>> output = m(torch.randn(20, 100)); schedule.step()""",
+        sync=False,
+    )
 
 
 class SparseSwitchNorm2d(_SparseSwitchMixin, SwitchNorm2d):
-    """Sparse Switchable Normalization over (N, C, H, W): scopes IN, LN and BN.
-
-    Same constructor, parameters and state as :class:`~syncsn.SwitchNorm2d`, plus the
-    ``radius``, ``frozen_mean`` and ``frozen_var`` buffers. Every vector whose logits are not
-    tied is one-hot from radius sqrt(2/3) on.
-    """
+    __doc__ = _ssn_doc(
+        "a 4-D input :math:`(N, C, H, W)`; scopes IN, LN and BN",
+        "SwitchNorm2d",
+        "(N, C, H, W)",
+        "IN and LN",
+        """        >>> model = nn.Sequential(nn.Conv2d(3, 64, 3), syncsn.SparseSwitchNorm2d(64))
+        >>> schedule = syncsn.RadiusSchedule(model, total_steps=1000)
+        >>> output = model(torch.randn(8, 3, 32, 32)); schedule.step()  # once per step""",
+        sync=False,
+    )
 
 
 class SparseSwitchNorm3d(_SparseSwitchMixin, SwitchNorm3d):
-    """Sparse Switchable Normalization over (N, C, D, H, W): scopes IN, LN and BN."""
+    __doc__ = _ssn_doc(
+        "a 5-D input :math:`(N, C, D, H, W)`; scopes IN, LN and BN",
+        "SwitchNorm3d",
+        "(N, C, D, H, W)",
+        "IN and LN",
+        """        >>> m = syncsn.SparseSwitchNorm3d(16)
+        >>> output = m(torch.randn(4, 16, 8, 10, 10))""",
+        sync=False,
+    )
 
 
 class SyncSparseSwitchNorm1d(_SyncMixin, SparseSwitchNorm1d):
-    """:class:`SparseSwitchNorm1d` with the BN scope synchronized across ranks."""
+    __doc__ = _ssn_doc(
+        "a 2-D input :math:`(N, C)`, BN synchronized across ranks",
+        "SyncSwitchNorm1d",
+        "(N, C)",
+        "LN alone",
+        """        >>> m = syncsn.SyncSparseSwitchNorm1d(100)
+        >>> output = m(torch.randn(20, 100))""",
+        sync=True,
+    )
 
 
 class SyncSparseSwitchNorm2d(_SyncMixin, SparseSwitchNorm2d):
-    """:class:`SparseSwitchNorm2d` with the BN scope synchronized across ranks.
-
-    One collective each way while BN may be selected; none once both the means and the
-    variances are frozen on IN or LN.
-    """
+    __doc__ = _ssn_doc(
+        "a 4-D input :math:`(N, C, H, W)`, BN synchronized across ranks",
+        "SyncSwitchNorm2d",
+        "(N, C, H, W)",
+        "IN and LN",
+        """        >>> group = syncsn.create_sync_groups(8)  # after init_process_group
+        >>> m = syncsn.SyncSparseSwitchNorm2d(64, process_group=group)
+        >>> output = m(torch.randn(2, 64, 32, 32))""",
+        sync=True,
+    )
 
 
 class SyncSparseSwitchNorm3d(_SyncMixin, SparseSwitchNorm3d):
-    """:class:`SparseSwitchNorm3d` with the BN scope synchronized across ranks."""
+    __doc__ = _ssn_doc(
+        "a 5-D input :math:`(N, C, D, H, W)`, BN synchronized across ranks",
+        "SyncSwitchNorm3d",
+        "(N, C, D, H, W)",
+        "IN and LN",
+        """        >>> m = syncsn.SyncSparseSwitchNorm3d(16)
+        >>> output = m(torch.randn(2, 16, 8, 10, 10))""",
+        sync=True,
+    )
 
 
 def _check_radius(radius: float) -> float:
@@ -247,6 +469,18 @@ def set_radius(model: nn.Module, radius: float) -> int:
 
     Call it on every rank with the same value (the radius decides when layers freeze, and
     a Sync layer's ranks must freeze together).
+
+    Args:
+        model: a module containing SSN layers (any others are left alone).
+        radius: the new radius, finite and >= 0 (the schedule goes from 0 to 1).
+
+    Returns:
+        The number of SSN layers set.
+
+    Example::
+
+        >>> set_radius(model, 0.5)  # every rank, before the step
+        12
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"set_radius: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -273,6 +507,13 @@ class RadiusSchedule:
     Args:
         model: a module containing SSN layers.
         total_steps: number of :meth:`step` calls over which the radius reaches 1.
+
+    Example::
+
+        >>> schedule = RadiusSchedule(model, total_steps=epochs * len(loader))
+        >>> for x, y in loader:
+        ...     loss_fn(model(x), y).backward(); optimizer.step(); schedule.step()
+        >>> checkpoint["radius_schedule"] = schedule.state_dict()
     """
 
     def __init__(self, model: nn.Module, total_steps: int) -> None:

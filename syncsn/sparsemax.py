@@ -40,7 +40,7 @@ class _SparsemaxFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, dim: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor, dim: int) -> Tensor:
         # Shifting by the max changes nothing mathematically but keeps the threshold exact
         # for large logits: the top entry becomes 0 and a support of one gives exactly 1.
         z = z - z.amax(dim=dim, keepdim=True)
@@ -61,7 +61,7 @@ class _SparsemaxFunction(torch.autograd.Function):
         return p
 
     @staticmethod
-    def backward(ctx, grad_p: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad_p: Tensor) -> tuple[Tensor, None]:
         (p,) = ctx.saved_tensors
         dim = ctx.dim
         support = p > 0
@@ -87,6 +87,11 @@ def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
     Returns:
         Tensor of the shape and dtype of ``z``: non-negative, summing to 1 along ``dim``.
         Differentiable; the backward is the closed form (see ``_SparsemaxFunction``).
+
+    Example::
+
+        >>> syncsn.sparsemax(torch.tensor([1.0, 0.8, -1.0]))
+        tensor([0.6000, 0.4000, 0.0000])
     """
     _check_logits(z, "sparsemax")
     if not -z.dim() <= dim < z.dim():
@@ -135,8 +140,11 @@ def sparsestmax(z: Tensor, r: float | Tensor) -> Tensor:
        radius is reduced by the distance already travelled from ``u`` to the face, which
        keeps the target sphere the same (``u'`` is the foot of the perpendicular from ``u``).
 
-    Every step either stops or shrinks the support, so at most ``K`` rounds are run; once
-    the result is one-hot it stays one-hot.
+    Every step either stops or shrinks the support, so ``K`` rounds always suffice; once
+    the result is one-hot it stays one-hot. The rounds are a fixed sequence of tensor
+    operations on every vector (no ``.item()``, no data-dependent branch): besides the
+    argument checks, which read ``z`` and ``r``, nothing waits for the device, and without
+    them (as SSN layers call it) the map traces whole under ``torch.compile``.
 
     Properties (with ``S0`` the support of ``sparsemax(z)`` and ``u0`` its uniform point):
 
@@ -170,23 +178,53 @@ def sparsestmax(z: Tensor, r: float | Tensor) -> Tensor:
 
     Returns:
         Tensor of the shape and dtype of ``z``: points of the simplex along the last dim.
+
+    Example::
+
+        >>> syncsn.sparsestmax(torch.tensor([1.0, 0.8, 0.0]), 0.5)
+        tensor([0.8536, 0.1464, 0.0000])
     """
     _check_logits(z, "sparsestmax")
     if z.shape[-1] == 0:
         raise ValueError(f"sparsestmax: the last dimension of z is empty (shape {tuple(z.shape)})")
     if not bool(torch.isfinite(z).all()):
         raise ValueError("sparsestmax: z must be finite, got NaN or infinite logits")
-    radius = _check_radius(r, z)
+    return _sparsestmax_unchecked(z, _check_radius(r, z))
+
+
+def _sparsestmax_unchecked(z: Tensor, radius: Tensor) -> Tensor:
+    """:func:`sparsestmax` without its argument checks, which read device values.
+
+    For callers that know their arguments are valid (an SSN layer: its logits are
+    parameters, its radius is set through :func:`~syncsn.set_radius`): a fixed sequence of
+    tensor operations, with no ``.item()`` or data-dependent Python branch, so it neither
+    waits for the device nor breaks a ``torch.compile`` graph, and it gives the same bits as
+    :func:`sparsestmax`.
+
+    Args:
+        z: floating-point finite logits ``(..., K)``, ``K >= 1``.
+        radius: finite radii ``>= 0``, a tensor of ``z``'s dtype and device broadcastable
+            to ``z.shape[:-1]``.
+
+    Returns:
+        Tensor of the shape and dtype of ``z``, as :func:`sparsestmax`.
+    """
+    radius = radius.detach().expand(z.shape[:-1])
     # A coordinate the push leaves below this counts as gone; round-off in the push is a
     # few ulps, so without it the boundary radius could give 1e-17 instead of a vertex.
     leave_tol = 4 * torch.finfo(z.dtype).eps
     num_entries = z.shape[-1]
 
+    # The rounds of the definition, each run on every vector: a vector that has stopped
+    # keeps its result (torch.where) while the others go on. The support shrinks by at least
+    # one entry per round, so K rounds always suffice, and the last one can only find a
+    # single entry left: it is written out as the one-hot vector it gives (bit for bit the
+    # same, and with the same zero gradient).
     result = torch.zeros_like(z)
     done = torch.zeros(z.shape[:-1], dtype=torch.bool, device=z.device)
     q = z
     centre_prev: Tensor | None = None
-    for _ in range(num_entries):
+    for _ in range(max(num_entries - 1, 1)):
         w = sparsemax(q)
         with torch.no_grad():
             support = w > 0
@@ -197,19 +235,20 @@ def sparsestmax(z: Tensor, r: float | Tensor) -> Tensor:
                 # one, so this is the radius of the same sphere within the smaller face.
                 travelled_sq = (centre - centre_prev).square().sum(dim=-1)
                 radius = (radius.square() - travelled_sq).clamp_min(0).sqrt()
-        # The direction of the push. Mathematically w - u already lies in the face's plane
-        # (sum zero); in floating point sum(w) is 1 only up to an ulp, which tilts a short
-        # offset off the plane and skews the direction by eps / ||w - u||. Removing the
-        # offset's own mean (exact: the entries are small) restores it to full precision.
-        offset = torch.where(support, w - centre, 0)
+        # The direction of the push (w and the centre are both 0 off the support).
+        # Mathematically w - u already lies in the face's plane (sum zero); in floating point
+        # sum(w) is 1 only up to an ulp, which tilts a short offset off the plane and skews
+        # the direction by eps / ||w - u||. Removing the offset's own mean (exact: the entries
+        # are small) restores it to full precision.
+        offset = w - centre
         offset = torch.where(support, offset - offset.sum(dim=-1, keepdim=True) / size, 0)
         dist_sq = offset.square().sum(dim=-1)
         with torch.no_grad():
             # Structural test for "w is the centre": all entries on the support are equal
-            # (ties in the logits give bitwise-equal entries); no tolerance involved.
-            highest = torch.where(support, w, -math.inf).amax(dim=-1)
+            # (ties in the logits give bitwise-equal entries); no tolerance involved. The
+            # largest entry is on the support, where w > 0 = w off it.
             lowest = torch.where(support, w, math.inf).amin(dim=-1)
-            degenerate = (highest == lowest) | (dist_sq == 0)
+            degenerate = (w.amax(dim=-1) == lowest) | (dist_sq == 0)
         # Guard the sqrt and the division so that no branch, taken or not, makes NaN
         # (torch.where would pass NaN gradients of an untaken branch through as 0 * NaN).
         dist = torch.where(degenerate, 1, dist_sq).sqrt()
@@ -224,13 +263,17 @@ def sparsestmax(z: Tensor, r: float | Tensor) -> Tensor:
         value = torch.where(keep_w.unsqueeze(-1), kept, p / p.sum(dim=-1, keepdim=True))
         result = torch.where(finished.unsqueeze(-1), value, result)
         done = done | finished
-        if bool(done.all()):
-            break
         # Re-project on the smaller face. Lowering the leaving coordinates (and those off
         # the support, which are 0) by 2 puts them below max(q) - 1 >= tau, so they are
         # excluded from the new support by construction: the support shrinks every round.
         q = torch.where(p.detach() >= leave_tol, p, p - 2)
         centre_prev = centre
+    if num_entries > 1:
+        # The last round: one entry of q is left, at least 1 above the others, and
+        # sparsemax makes it exactly 1 with a zero Jacobian.
+        entries = torch.arange(num_entries, device=z.device)
+        last = entries == q.detach().argmax(dim=-1, keepdim=True)
+        result = torch.where(done.unsqueeze(-1), result, last.to(z.dtype))
     return result
 
 
@@ -240,6 +283,14 @@ def is_one_hot(p: Tensor) -> bool:
     A structural test, free of tolerances: ``sparsestmax`` returns exact zeros off the
     support and exactly 1.0 for a one-hot result, so this is the test for freezing a layer
     on its selected scope ``int(p.argmax())``.
+
+    Args:
+        p: a weight vector of shape ``(K,)``.
+
+    Example::
+
+        >>> syncsn.is_one_hot(syncsn.sparsestmax(torch.tensor([2.0, 1.0, 0.0]), 1.0))
+        True
     """
     if not isinstance(p, Tensor):
         raise TypeError(f"is_one_hot: expected a torch.Tensor, got {type(p).__name__}")

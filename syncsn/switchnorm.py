@@ -6,19 +6,16 @@ The modules hold parameters and buffers and check their input; the math is in
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import comm
+from . import _args, comm
 from . import functional as F
-from .function import (
-    NonFiniteWarning,
-    RunningStats,
-    SwitchNorm1dFunction,
-    SwitchNormFunction,
-    SyncSpec,
-)
+from .function import LayerCall, SwitchNormFunction, next_layer_key
 
 __all__ = [
     "SwitchNorm1d",
@@ -28,6 +25,10 @@ __all__ = [
     "SyncSwitchNorm2d",
     "SyncSwitchNorm3d",
 ]
+
+
+#: The input dtypes every layer computes in (float8 and integer inputs are refused).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_input(x: Tensor, layer: nn.Module, ndims: tuple[int, ...], layout: str) -> None:
@@ -44,37 +45,72 @@ def check_input(x: Tensor, layer: nn.Module, ndims: tuple[int, ...], layout: str
             f"{name}(num_features={layer.num_features}) expects {layer.num_features} channels "
             f"in dimension 1, got an input of shape {tuple(x.shape)} with {x.shape[1]}"
         )
-    if not x.is_floating_point():
+    if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"{name} expects a floating-point input (float16, bfloat16, float32 or float64), "
-            f"got {x.dtype}"
+            f"{name} expects a float16, bfloat16, float32 or float64 input, got {x.dtype}"
         )
 
 
-def grad_anchor(x: Tensor, training: bool, sync: SyncSpec) -> Tensor | None:
+def grad_anchor(x: Tensor, call: LayerCall) -> Tensor | None:
     """A tensor that makes a Sync layer's output require grad on every rank alike.
 
     The backward collective runs when a layer's backward runs, which autograd decides from
     requires_grad. Tying it to grad mode and training (the same on all ranks) instead of to
     this rank's input keeps ranks whose inputs differ in requires_grad from hanging.
     """
-    if training and sync.active and torch.is_grad_enabled():
+    if call.group is not None and torch.is_grad_enabled():
         return torch.empty(0, device=x.device, requires_grad=True)
     return None
 
 
-class _SwitchNorm(nn.Module):
+def fold_running_now() -> bool:
+    """False while torch.utils.checkpoint recomputes a forward inside the backward pass: that
+    batch was already folded into the running statistics the first time. (Under
+    torch.compile the recomputation is the compiler's and never re-runs the update.)"""
+    return torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1
+
+
+def exporting() -> bool:
+    """True while torch.export, the ONNX exporter or torch.jit.trace records the model."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+ALL_SCOPES = ("in", "ln", "bn")
+
+
+def on_all_scopes(weights: Tensor, scopes: tuple[str, ...]) -> Tensor:
+    """(K,) weights over ``scopes`` as the (3,) vector over (IN, LN, BN), 0 where absent."""
+    if scopes == ALL_SCOPES:
+        return weights
+    zero = weights.new_zeros(())
+    return torch.stack([weights[scopes.index(s)] if s in scopes else zero for s in ALL_SCOPES])
+
+
+class _SwitchNorm(_BatchNorm):
     """Parameters, buffers and argument checks shared by the SN family.
+
+    A :class:`torch.nn.modules.batchnorm._BatchNorm`, so that code that recognises batch
+    normalization layers by that class (freezing them in eval mode, exempting their
+    parameters from weight decay) treats these layers alike; the parameters, buffers, state
+    dict and computation are this class's own.
 
     Parameters: ``weight``, ``bias`` (C,) (None when ``affine=False``) and the switch logits
     ``mean_weight``, ``var_weight`` (K,), one per scope, initialised to ones (1/K each).
-    Buffers (when ``using_bn``): ``running_mean`` (C,) zeros, ``running_var`` (C,) ones,
-    ``num_batches_tracked``.
+    Buffers (with the BN scope and ``track_running_stats``): ``running_mean`` (C,) zeros,
+    ``running_var`` (C,) ones, ``num_batches_tracked``; None otherwise.
     """
 
     _ndims: tuple[int, ...]
     _layout: str
+    # The smallest num_features a layer's scopes are defined for.
+    _min_features = 1
     scopes: tuple[str, ...]
+
+    mean_weight: nn.Parameter
+    var_weight: nn.Parameter
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
 
     def __init__(
         self,
@@ -85,34 +121,57 @@ class _SwitchNorm(nn.Module):
         using_bn: bool = True,
         last_gamma: bool = False,
         affine: bool = True,
+        track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__()
-        if num_features < 1:
-            raise ValueError(f"num_features must be positive, got {num_features}")
-        factory = {"device": device, "dtype": dtype}
+        # nn.Module's constructor, not _NormBase's: that one creates BatchNorm's parameters
+        # and calls reset_parameters before the switch logits exist, and its signature
+        # differs between torch versions.
+        nn.Module.__init__(self)
+        name = type(self).__name__
+        num_features = _args.check_num_features(name, num_features)
+        if num_features < self._min_features:
+            raise ValueError(
+                f"{name} needs num_features >= {self._min_features}: its LN scope is the "
+                f"unbiased variance over the features, undefined for {num_features} feature(s)"
+            )
         self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.using_moving_average = using_moving_average
-        self.using_bn = using_bn
-        self.last_gamma = last_gamma
-        self.affine = affine
+        self.eps = _args.check_eps(name, eps)
+        self.momentum = _args.check_momentum(name, momentum)
+        self.using_moving_average = _args.check_bool(
+            name, "using_moving_average", using_moving_average
+        )
+        self.using_bn = _args.check_bool(name, "using_bn", using_bn)
+        self.last_gamma = _args.check_bool(name, "last_gamma", last_gamma)
+        self.affine = _args.check_bool(name, "affine", affine)
+        # Without the BN scope there is nothing to track: False then, whatever was asked.
+        tracked = _args.check_bool(name, "track_running_stats", track_running_stats)
+        self.track_running_stats = tracked and using_bn
         if not using_bn:
             self.scopes = tuple(s for s in self.scopes if s != "bn")
+        _args.check_bool(name, "bias", bias)
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            self.weight = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         k = len(self.scopes)
-        self.mean_weight = nn.Parameter(torch.ones(k, **factory))
-        self.var_weight = nn.Parameter(torch.ones(k, **factory))
-        if using_bn:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.mean_weight = nn.Parameter(torch.ones(k, device=device, dtype=dtype))
+        self.var_weight = nn.Parameter(torch.ones(k, device=device, dtype=dtype))
+        if self.track_running_stats:
+            self.register_buffer(
+                "running_mean", torch.zeros(num_features, device=device, dtype=dtype)
+            )
+            self.register_buffer(
+                "running_var", torch.ones(num_features, device=device, dtype=dtype)
+            )
             self.register_buffer(
                 "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
             )
@@ -120,19 +179,23 @@ class _SwitchNorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        self._nonfinite = NonFiniteWarning(type(self).__name__)
+        self._layer_key = next_layer_key()
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
-        if self.using_bn:
+        """Running mean 0, running variance 1, no batch counted (when the layer has them)."""
+        if self.running_mean is not None and self.running_var is not None:
             self.running_mean.zero_()
             self.running_var.fill_(1)
+        if self.num_batches_tracked is not None:
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
+        """Running statistics reset, weight 1 (0 with ``last_gamma``), bias 0, logits 1."""
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.constant_(self.weight, 0.0 if self.last_gamma else 1.0)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
         nn.init.ones_(self.mean_weight)
         nn.init.ones_(self.var_weight)
@@ -141,72 +204,202 @@ class _SwitchNorm(nn.Module):
         return (
             "{num_features}, eps={eps}, momentum={momentum}, "
             "using_moving_average={using_moving_average}, using_bn={using_bn}, "
-            "last_gamma={last_gamma}, affine={affine}".format(**self.__dict__)
+            "last_gamma={last_gamma}, affine={affine}, bias={use_bias}, "
+            "track_running_stats={track_running_stats}".format(
+                **self.__dict__, use_bias=self.bias is not None
+            )
         )
 
     def mixing_weights(self) -> tuple[Tensor, Tensor]:
         """The importance of each scope (K,) for the means and for the variances."""
         return torch.softmax(self.mean_weight, dim=0), torch.softmax(self.var_weight, dim=0)
 
-    def _running_stats(self) -> RunningStats | None:
-        if not self.using_bn:
-            return None
-        momentum = self.momentum if self.using_moving_average else None
-        return RunningStats(
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
-            momentum,
-            self._nonfinite,
-        )
+    def _describe(self) -> str:
+        """The layer as errors and warnings name it."""
+        return f"{type(self).__name__}({self.num_features})"
 
-    def _sync_spec(self) -> SyncSpec:
-        return SyncSpec(None, f"{type(self).__name__}({self.num_features})", distributed=False)
+    def _sync_target(self) -> tuple[str | None, int]:
+        """(process group name, size) this call synchronizes over; (None, 1): none."""
+        return None, 1
+
+    def _layer_call(self) -> LayerCall:
+        group, world = self._sync_target()
+        return LayerCall(
+            layer=self._describe(),
+            key=self._layer_key,
+            training=self.training,
+            eps=self.eps,
+            momentum=self.momentum if self.using_moving_average else None,
+            ddof=1 if self._ndims == (2,) else 0,
+            group=group,
+            world=world,
+            fold_running=fold_running_now(),
+        )
 
     def _check_input(self, x: Tensor) -> None:
         check_input(x, self, self._ndims, self._layout)
 
-    def _forward_weights(self) -> tuple[Tensor, Tensor]:
-        """The weights handed to the Function: :meth:`mixing_weights`, or (K - 1,) vectors
-        without the last (BN) scope when a subclass knows that scope is unused."""
-        return self.mixing_weights()
+    def _forward_weights(self) -> tuple[Tensor, Tensor, bool]:
+        """The weights (K,) over ``scopes`` for this call and whether it uses the BN scope
+        (a subclass may know that the BN scope's weights are exactly 0)."""
+        w, v = self.mixing_weights()
+        return w, v, self.using_bn
+
+    def _debug_check(self, x: Tensor) -> None:
+        """With SYNCSN_DEBUG=1, what a Sync layer checks about the other ranks."""
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        w, v = self._forward_weights()
-        sync = self._sync_spec()
-        return self._function.apply(
-            x,
-            w,
-            v,
-            self.weight,
-            self.bias,
-            self.eps,
-            self.training,
-            self._running_stats(),
-            sync,
-            grad_anchor(x, self.training, sync),
+        self._debug_check(x)
+        w, v, use_bn = self._forward_weights()
+        w, v = on_all_scopes(w, self.scopes), on_all_scopes(v, self.scopes)
+        # torch's rule: without tracked running statistics the BN scope is the batch's, in
+        # eval mode too (where it is local: eval never communicates).
+        tracked = self.track_running_stats and self.running_mean is not None
+        running_mean, running_var, num_batches = (
+            (self.running_mean, self.running_var, self.num_batches_tracked)
+            if tracked
+            else (None, None, None)
         )
+        if exporting() and not self.training and (tracked or not use_bn):
+            # A deployable graph: plain torch operations in the model's dtype.
+            return F.switch_norm_eval(
+                x, w, v, running_mean if use_bn else None, running_var if use_bn else None,
+                self.weight, self.bias, self.eps, ddof=1 if self._ndims == (2,) else 0,
+            )  # fmt: skip
+        call = self._layer_call()
+        return SwitchNormFunction.apply(
+            x, w, v, self.weight, self.bias, running_mean, running_var, num_batches, use_bn,
+            call, grad_anchor(x, call),
+        )  # fmt: skip
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
-        # The reference implementation stores weight/bias as (1, C, 1, 1) or (1, C) and the
-        # running statistics as (1, C, 1) or (1, C), and has no batch counter.
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The SN authors' layers store weight/bias as (1, C, 1, 1) or (1, C) and the running
+        # statistics as (1, C, 1) or (1, C), and have no batch counter.
         for name in ("weight", "bias", "running_mean", "running_var"):
             key = prefix + name
             value = state_dict.get(key)
             if value is not None and value.dim() > 1 and value.numel() == self.num_features:
                 state_dict[key] = value.reshape(self.num_features)
         counter = prefix + "num_batches_tracked"
-        if self.using_bn and counter not in state_dict and prefix + "running_mean" in state_dict:
+        if (
+            self.num_batches_tracked is not None
+            and counter not in state_dict
+            and prefix + "running_mean" in state_dict
+        ):
             state_dict[counter] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kwargs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+# --- docstrings ----------------------------------------------------------------------------
+# The layers share their arguments; each class states its input, scopes and an example.
+
+_ARGS = """
+    Args:
+        num_features: :math:`C` from an expected input of size {shape}.
+        eps: a value added to the variances for numerical stability. Default: 1e-5
+        momentum: the weight of the current batch in the running statistics,
+            ``running = (1 - momentum) * running + momentum * batch`` (torch's convention;
+            the SN/SSN authors' ``momentum=0.9`` is 0.1 here, their 0.997 is 0.003); None
+            for the cumulative average over all batches. Default: 0.1
+        using_moving_average: False gives the cumulative average whatever ``momentum``
+            (the authors' "batch average"). Default: True
+        using_bn: include the BN scope; False leaves {without_bn} and no running
+            statistics. Default: True
+        last_gamma: initialise ``weight`` to 0 instead of 1 (for the last normalization of
+            a residual branch). Default: False
+        affine: learnable per-channel ``weight`` and ``bias``. Default: True
+        track_running_stats: keep running statistics of the BN scope and use them in eval
+            mode; False: no running buffers, and the BN scope always comes from the current
+            batch, in eval mode too (torch's meaning). Default: True
+{process_group}        device: device of the parameters and buffers. Default: None
+        dtype: dtype of the parameters and buffers. Default: None
+        bias: (keyword-only) with ``affine``, a learnable ``bias``; False: ``bias`` is None,
+            as in ``torch.nn.BatchNorm2d(..., bias=False)``. Default: True
+"""
+
+_PROCESS_GROUP = """\
+        process_group: the ranks whose samples the BN scope is computed over; None: the
+            whole world once ``torch.distributed`` is initialized (without a process group
+            the layer computes locally). Default: None
+"""
+
+_STATE = """
+    Parameters: ``weight``, ``bias`` :math:`(C)` (None without ``affine``; ``bias`` also
+    with ``bias=False``) and the switch logits ``mean_weight``, ``var_weight`` :math:`(K)`,
+    one per scope, initialised to ones.
+    Buffers: ``running_mean`` :math:`(C)` (starts at 0), ``running_var`` :math:`(C)` (starts
+    at 1), ``num_batches_tracked``; None without the BN scope or ``track_running_stats``.
+"""
+
+_SYNC = """
+    Synchronized: the BN scope covers the samples of every rank of ``process_group``. For any
+    split of a global batch over the ranks (uneven, empty ranks, different image sizes),
+    outputs, input and parameter gradients (summed over ranks) and running statistics equal
+    those of the local layer on the concatenated batch. One ``all_gather`` in forward and one
+    ``all_reduce`` of 2C values in backward, in training mode only; none in eval mode, in a
+    group of one rank, or without a process group.
+"""
+
+
+def layer_doc(summary: str, shape: str, without_bn: str, example: str, sync: bool) -> str:
+    """The docstring of a switchable layer: ``summary``, arguments, shapes, ``example``."""
+    args = _ARGS.format(
+        shape=shape, without_bn=without_bn, process_group=_PROCESS_GROUP if sync else ""
+    )
+    shapes = f"""
+    Shape:
+        - Input: {shape}
+        - Output: {shape} (same shape as input)
+"""
+    return (
+        summary.rstrip()
+        + "\n"
+        + (_SYNC if sync else "")
+        + args
+        + _STATE
+        + shapes
+        + "\n    Examples::\n\n"
+        + example.rstrip()
+        + "\n"
+    )
+
+
+_SN_MATH = r"""
+    .. math::
+
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} * \gamma + \beta, \qquad
+        \mu = \sum_k w_k \mu_k, \quad \sigma^2 = \sum_k v_k \sigma^2_k
+
+    for each sample and channel, where :math:`\mu_k, \sigma^2_k` are the statistics of the
+    scopes k and :math:`w = \mathrm{softmax}(\text{mean\_weight})`,
+    :math:`v = \mathrm{softmax}(\text{var\_weight})` their importance, learned with the
+    network. :math:`\gamma, \beta` are ``weight`` and ``bias``.
+"""
+
+_SN_SCOPES = """
+    Scopes, from per-(sample, channel) statistics: IN over the {spatial} positions of each
+    sample and channel (unbiased variance), LN over the channels and positions of each
+    sample, BN over the samples and positions of the batch (in eval mode: the running
+    statistics). Each sample counts once in BN, whatever its size.
+"""
 
 
 class _SwitchNormNd(_SwitchNorm):
     """SN over (N, C, *S): scopes IN, LN and (optionally) BN, from instance statistics."""
 
-    scopes = ("in", "ln", "bn")
-    _function = SwitchNormFunction
+    scopes = ALL_SCOPES
 
     def _check_input(self, x: Tensor) -> None:
         super()._check_input(x)
@@ -214,40 +407,65 @@ class _SwitchNormNd(_SwitchNorm):
 
 
 class SwitchNorm1d(_SwitchNorm):
-    """Switchable Normalization over (N, C) features: scopes LN (over C) and BN (over N).
-
-    As in the reference implementation, both scopes use the unbiased variance.
-    """
+    __doc__ = layer_doc(
+        """Switchable Normalization over a 2-D input :math:`(N, C)` (Luo et al., ICLR 2019).
+"""
+        + _SN_MATH
+        + """
+    Scopes: LN over the C features of each sample and BN over the N samples (in eval mode:
+    the running statistics), both with the unbiased variance, as in the SN authors' code.
+""",
+        "(N, C)",
+        "LN alone",
+        """        >>> m = syncsn.SwitchNorm1d(100)
+        >>> output = m(torch.randn(20, 100))""",
+        sync=False,
+    )
 
     scopes = ("ln", "bn")
     _ndims = (2,)
     _layout = "(N, C)"
-    _function = SwitchNorm1dFunction
-
-    def __init__(self, num_features: int, *args, **kwargs) -> None:
-        if num_features < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs num_features >= 2: its LN scope is the unbiased "
-                f"variance over the features, undefined for {num_features} feature(s)"
-            )
-        super().__init__(num_features, *args, **kwargs)
+    _min_features = 2
 
 
 class SwitchNorm2d(_SwitchNormNd):
-    """Switchable Normalization over (N, C, H, W)."""
+    __doc__ = layer_doc(
+        """Switchable Normalization over a 4-D input :math:`(N, C, H, W)` (Luo et al., ICLR 2019).
+"""
+        + _SN_MATH
+        + _SN_SCOPES.format(spatial="H x W"),
+        "(N, C, H, W)",
+        "IN and LN",
+        """        >>> m = syncsn.SwitchNorm2d(100)
+        >>> output = m(torch.randn(20, 100, 35, 45))
+        >>> m.eval()(torch.randn(1, 100, 35, 45)).shape  # eval: BN from running statistics
+        torch.Size([1, 100, 35, 45])""",
+        sync=False,
+    )
 
     _ndims = (4,)
     _layout = "(N, C, H, W)"
 
 
 class SwitchNorm3d(_SwitchNormNd):
-    """Switchable Normalization over (N, C, D, H, W)."""
+    __doc__ = layer_doc(
+        """Switchable Normalization over a 5-D input :math:`(N, C, D, H, W)` (Luo et al.,
+    ICLR 2019).
+"""
+        + _SN_MATH
+        + _SN_SCOPES.format(spatial="D x H x W"),
+        "(N, C, D, H, W)",
+        "IN and LN",
+        """        >>> m = syncsn.SwitchNorm3d(16)
+        >>> output = m(torch.randn(4, 16, 8, 10, 10))""",
+        sync=False,
+    )
 
     _ndims = (5,)
     _layout = "(N, C, D, H, W)"
 
 
-class _SyncMixin:
+class _SyncMixin(_SwitchNorm):
     """Synchronizes the BN scope over ``process_group`` (default: the whole world).
 
     For any split of a global batch over the ranks, outputs, gradients and running statistics
@@ -255,26 +473,96 @@ class _SyncMixin:
     all_reduce in backward (training only); nothing in eval or without a process group.
     """
 
-    def __init__(self, *args, process_group: dist.ProcessGroup | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        using_moving_average: bool = True,
+        using_bn: bool = True,
+        last_gamma: bool = False,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        _args.check_process_group(type(self).__name__, process_group)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            using_moving_average,
+            using_bn,
+            last_gamma,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+        )
         self.process_group = process_group
         self._sync_id = comm.next_layer_id()
 
-    def _sync_spec(self) -> SyncSpec:
-        return SyncSpec(
-            self.process_group,
-            f"{type(self).__name__}({self.num_features})",
-            getattr(self, "sync_name", self._sync_id),
-        )
+    def _debug_check(self, x: Tensor) -> None:
+        # Every call, train or eval, after the rank-local input checks and before anything
+        # that communicates: see comm.check_same_layer.
+        if comm.debug_enabled() and not torch.compiler.is_compiling():
+            comm.check_same_layer(
+                f"{type(self).__name__}({self.num_features})",
+                getattr(self, "sync_name", self._sync_id),
+                self.process_group,
+                x.device,
+                training=self.training,
+            )
+
+    def _describe(self) -> str:
+        identity = getattr(self, "sync_name", self._sync_id)
+        name = f"'{identity}'" if isinstance(identity, str) else f"#{identity}"
+        return f"{super()._describe()} {name}"
+
+    def _sync_target(self) -> tuple[str | None, int]:
+        # Eval mode never communicates (the BN scope is the running statistics).
+        return comm.sync_target(self.process_group) if self.training else (None, 1)
 
 
 class SyncSwitchNorm1d(_SyncMixin, SwitchNorm1d):
-    """:class:`SwitchNorm1d` with the BN scope synchronized across ranks."""
+    __doc__ = layer_doc(
+        """:class:`SwitchNorm1d` over :math:`(N, C)` with the BN scope synchronized across
+    ranks.
+""",
+        "(N, C)",
+        "LN alone",
+        """        >>> m = syncsn.SyncSwitchNorm1d(100)  # the whole world, once initialized
+        >>> output = m(torch.randn(20, 100))""",
+        sync=True,
+    )
 
 
 class SyncSwitchNorm2d(_SyncMixin, SwitchNorm2d):
-    """:class:`SwitchNorm2d` with the BN scope synchronized across ranks."""
+    __doc__ = layer_doc(
+        """:class:`SwitchNorm2d` over :math:`(N, C, H, W)` with the BN scope synchronized
+    across ranks.
+""",
+        "(N, C, H, W)",
+        "IN and LN",
+        """        >>> # within groups of 8 consecutive ranks (one node), after init_process_group
+        >>> m = syncsn.SyncSwitchNorm2d(100, process_group=syncsn.create_sync_groups(8))
+        >>> output = m(torch.randn(2, 100, 35, 45))""",
+        sync=True,
+    )
 
 
 class SyncSwitchNorm3d(_SyncMixin, SwitchNorm3d):
-    """:class:`SwitchNorm3d` with the BN scope synchronized across ranks."""
+    __doc__ = layer_doc(
+        """:class:`SwitchNorm3d` over :math:`(N, C, D, H, W)` with the BN scope synchronized
+    across ranks.
+""",
+        "(N, C, D, H, W)",
+        "IN and LN",
+        """        >>> m = syncsn.SyncSwitchNorm3d(16)
+        >>> output = m(torch.randn(2, 16, 8, 10, 10))""",
+        sync=True,
+    )

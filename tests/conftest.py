@@ -1,7 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, the Triton backend's kernels run in Triton's interpreter
+# (tests/test_triton.py). The variable must be set before anything imports Triton, and is
+# inherited by the worker processes the distributed tests start.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

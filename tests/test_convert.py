@@ -222,16 +222,53 @@ def test_affine_false_and_bias_false() -> None:
     plain = convert_switchnorm(nn.BatchNorm2d(4, affine=False))
     assert plain.weight is None and plain.bias is None and not plain.affine
     bn = nn.BatchNorm2d(4, bias=False)
-    for convert in (convert_switchnorm, convert_sync_batchnorm):
+    for convert in (convert_switchnorm, convert_sync_switchnorm, convert_sync_batchnorm):
         new = convert(copy.deepcopy(bn))
-        # Our layers always have a bias: it stays a frozen zero.
-        assert torch.equal(new.bias, torch.zeros(4)) and not new.bias.requires_grad
+        assert new.bias is None and new.weight is not None, convert.__name__
+        assert "bias" not in new.state_dict()
+        assert "bias=False" in repr(new)
+    back = revert_sync(convert_sync_batchnorm(copy.deepcopy(bn)))
+    assert type(back) is nn.BatchNorm2d and back.bias is None
 
 
-def test_untracked_running_stats_warn() -> None:
-    with pytest.warns(UserWarning, match=r"root module.*track_running_stats=False"):
+def _checkpoint_model() -> nn.Sequential:
+    """Norm layers without a bias and without running statistics, as in some backbones."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False),
+        nn.BatchNorm2d(4, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        nn.BatchNorm2d(4),
+    )
+
+
+def test_checkpoints_load_strictly_after_conversion() -> None:
+    checkpoint = _checkpoint_model().state_dict()
+    for convert in (convert_sync_batchnorm, convert_switchnorm, convert_sync_switchnorm):
+        model = convert(_checkpoint_model())
+        keys = set(model.state_dict())
+        added = {k for k in keys if k.endswith(("mean_weight", "var_weight"))}
+        assert keys - added == set(checkpoint), convert.__name__
+        if added:
+            result = model.load_state_dict(checkpoint, strict=False)
+            assert set(result.missing_keys) == added and result.unexpected_keys == []
+        else:
+            model.load_state_dict(checkpoint, strict=True)
+    back = revert_sync(convert_sync_switchnorm(_checkpoint_model()))
+    assert set(back.state_dict()) == set(convert_switchnorm(_checkpoint_model()).state_dict())
+
+
+def test_untracked_running_stats_carried_over() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         new = convert_switchnorm(nn.BatchNorm2d(4, track_running_stats=False))
-    assert torch.equal(new.running_var, torch.ones(4))
+    assert not new.track_running_stats and new.running_mean is None
+    # Batch statistics in eval mode too, as the BatchNorm layer it replaced.
+    x = torch.randn(3, 4, 5, 5) * 2 + 1
+    assert torch.allclose(new.eval()(x), new.train()(x))
+    twin = convert_sync_switchnorm(new)
+    assert not twin.track_running_stats and twin.running_mean is None
 
 
 def test_switchnorm1d_needs_two_features() -> None:

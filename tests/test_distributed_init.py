@@ -193,9 +193,17 @@ def test_detect_slurm_uneven_tasks_per_node():
         SLURM_NNODES="3",
         SLURM_STEP_TASKS_PER_NODE="2(x2),1",
         SLURM_TASKS_PER_NODE="2(x2),1",
+        SLURM_JOB_NODELIST="gpu-a[07-09]",
+        SLURM_STEP_NODELIST="gpu-a[07-09]",
     )
     got = detect_launch_env(env)
     assert (got.rank, got.world_size, got.local_rank, got.local_world_size) == (4, 5, 0, 1)
+
+
+def test_detect_slurm_step_on_part_of_the_job_nodes():
+    # `srun -N2` inside a 3-node job: the step's variables describe 2 of the job's nodes.
+    env = slurm_env(SLURM_JOB_NODELIST="gpu-a[07-09]", SLURM_STEP_NUM_NODES="2")
+    assert detect_launch_env(env).master_addr == "gpu-a07"
 
 
 def test_detect_slurm_single_node_without_tasks_per_node():
@@ -281,11 +289,69 @@ def test_torchrun_variables_win_over_slurm():
             r"MASTER_ADDR is not set and neither is SLURM_JOB_NODELIST",
         ),
         (slurm_env(SLURM_JOB_ID=None), r"neither MASTER_PORT nor SLURM_JOB_ID"),
-        (slurm_env(SLURM_JOB_NODELIST="gpu[2-1]", SLURM_STEP_NODELIST=None), r"backwards"),
+        (
+            slurm_env(SLURM_JOB_NODELIST="gpu[2-1]", SLURM_STEP_NODELIST=None),
+            r"SLURM_JOB_NODELIST='gpu\[2-1\]' is malformed: .*backwards",
+        ),
     ],
 )
 def test_detect_errors(env, pattern):
     with pytest.raises((LaunchEnvironmentError, ValueError), match=pattern):
+        detect_launch_env(env)
+
+
+@pytest.mark.parametrize(
+    "env, pattern",
+    [
+        # A malformed value: the error names the variable, then what is wrong with it.
+        (
+            slurm_env(SLURM_STEP_TASKS_PER_NODE="4(x2"),
+            r"SLURM_STEP_TASKS_PER_NODE='4\(x2' is malformed: .*expected items like 4 or 4\(x2\)",
+        ),
+        (
+            slurm_env(SLURM_STEP_TASKS_PER_NODE=None, SLURM_TASKS_PER_NODE="four"),
+            r"SLURM_TASKS_PER_NODE='four' is malformed",
+        ),
+        (
+            slurm_env(SLURM_JOB_NODELIST="gpu-a[07-08", MASTER_ADDR="10.0.0.1"),
+            r"SLURM_JOB_NODELIST='gpu-a\[07-08' is malformed: .*never closed",
+        ),
+        (
+            slurm_env(SLURM_STEP_NODELIST="gpu-a[07,,08]"),
+            r"SLURM_STEP_NODELIST='gpu-a\[07,,08\]' is malformed",
+        ),
+        # Variables that contradict each other.
+        (
+            slurm_env(
+                SLURM_PROCID="1",
+                SLURM_NTASKS="2",
+                SLURM_NODEID="0",
+                SLURM_STEP_TASKS_PER_NODE=None,
+                SLURM_TASKS_PER_NODE="2(x2)",
+            ),
+            r"SLURM_TASKS_PER_NODE='2\(x2\)' lists 4 tasks but SLURM_NTASKS=2",
+        ),
+        (slurm_env(SLURM_NTASKS="16"), r"lists 8 tasks but SLURM_NTASKS=16"),
+        (
+            slurm_env(SLURM_STEP_NUM_NODES="3"),
+            r"SLURM_STEP_TASKS_PER_NODE='4\(x2\)' lists 2 nodes but SLURM_STEP_NUM_NODES=3",
+        ),
+        (
+            slurm_env(SLURM_STEP_TASKS_PER_NODE=None, SLURM_NNODES="3"),
+            r"SLURM_TASKS_PER_NODE='4\(x2\)' lists 2 nodes but SLURM_NNODES=3",
+        ),
+        (
+            slurm_env(SLURM_STEP_NODELIST="gpu-a07"),
+            r"lists 2 nodes but SLURM_STEP_NODELIST='gpu-a07' names 1",
+        ),
+        (
+            slurm_env(SLURM_JOB_NODELIST="gpu-a07", SLURM_STEP_NODELIST=None),
+            r"lists 2 nodes but the job's SLURM_JOB_NODELIST='gpu-a07' names only 1",
+        ),
+    ],
+)
+def test_detect_slurm_names_the_variable_and_checks_them_together(env, pattern):
+    with pytest.raises(LaunchEnvironmentError, match=pattern):
         detect_launch_env(env)
 
 

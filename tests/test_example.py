@@ -8,9 +8,11 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,27 @@ def _load(name: str):
     return module
 
 
+def _load_train():
+    """Imports train.py in this process. It imports its siblings by their plain names
+    (data, utils, ...), which are found on sys.path only for the time of the import and
+    taken out of sys.modules afterwards, so that no other test sees them."""
+    siblings = ("data", "metrics", "model", "utils")
+    saved = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        return _load("train")
+    finally:
+        sys.path.remove(str(EXAMPLE))
+        for name in siblings:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
 data = _load("data")
 metrics = _load("metrics")
 model_mod = _load("model")
 utils = _load("utils")
+train = _load_train()
 
 # Small runs: 32-pixel images, 2 images per process.
 TINY = ["--image-size", "32", "-b", "2", "--workers", "0", "--print-freq", "1", "--seed", "3"]
@@ -416,6 +435,353 @@ def test_model_shapes(backbone, stride):
         feats = net.backbone(torch.randn(1, 3, 64, 64))
     assert feats.shape[-1] == 64 // stride
     assert len(norms) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint files
+# --------------------------------------------------------------------------------------
+
+
+def _damage(path: Path, nbytes: int = 64) -> None:
+    """Flips ``nbytes`` bytes in the middle of the largest tensor stored in a checkpoint,
+    where torch.load still succeeds (it checks no checksum) and only values change."""
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
+    )
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    for k in range(nbytes):
+        raw[start + k] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def test_load_checkpoint_names_the_file_and_what_is_wrong(tmp_path):
+    state = {"model": {"w": torch.arange(4096.0)}, "epoch": 3, "args": {"lr": 0.1}}
+    good = tmp_path / "good.pth"
+    utils.atomic_save(utils.with_integrity(state), str(good))
+    loaded = utils.load_checkpoint(str(good), required=("model", "epoch"))
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["epoch"] == 3
+
+    def fails(path: Path, pattern: str, required=()) -> None:
+        with pytest.raises(utils.CheckpointError, match=pattern) as e:
+            utils.load_checkpoint(str(path), required)
+        assert str(path) in str(e.value)
+
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(good.read_bytes())
+    _damage(damaged)
+    # torch itself reads the damaged file without a word, with other weights.
+    assert not torch.equal(
+        torch.load(damaged, weights_only=True)["model"]["w"], state["model"]["w"]
+    )
+    fails(damaged, "damaged: its contents do not match the checksum")
+    # A changed number outside the tensors is caught as well.
+    other = tmp_path / "other.pth"
+    torch.save({**utils.with_integrity(state), "epoch": 4}, other)
+    fails(other, "do not match the checksum")
+
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    fails(empty, r"is empty \(0 bytes\)")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    fails(truncated, "cannot be read .*truncated or damaged")
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(np.random.default_rng(0).bytes(5000))
+    fails(noise, "cannot be read .*truncated or damaged")
+    fails(tmp_path / "missing.pth", "does not exist")
+    listed = tmp_path / "list.pth"
+    torch.save([1, 2], listed)
+    fails(listed, "holds a list, not a checkpoint dictionary")
+    fails(good, "lacks 'optimizer'", required=("model", "optimizer"))
+
+    # A checkpoint from before the integrity record loads, with a warning.
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    with pytest.warns(UserWarning, match="no integrity record"):
+        assert utils.load_checkpoint(str(old))["epoch"] == 3
+
+
+def test_atomic_save_keeps_the_previous_file_and_removes_partial_ones(tmp_path, monkeypatch):
+    path, previous = tmp_path / "checkpoint.pth", tmp_path / "checkpoint.pth.prev"
+    utils.atomic_save({"epoch": 0}, str(path), previous=str(previous))
+    assert not previous.exists()
+    utils.atomic_save({"epoch": 1}, str(path), previous=str(previous))
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert torch.load(previous, weights_only=True) == {"epoch": 0}
+    # Without hard links (some network filesystems) the previous file is copied.
+    monkeypatch.setattr(utils.os, "link", lambda *a: (_ for _ in ()).throw(OSError("no links")))
+    utils.atomic_save({"epoch": 2}, str(path), previous=str(previous))
+    assert torch.load(previous, weights_only=True) == {"epoch": 1}
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint.pth.prev"]
+
+    # What a save killed with SIGKILL leaves behind goes; other files stay.
+    for name in ("checkpoint.pth.tmp.4242", "checkpoint.pth.prev.tmp.17", "metrics.jsonl.tmp.9"):
+        (tmp_path / name).write_bytes(b"partial")
+    (tmp_path / "notes.tmp.txt").write_text("mine")
+    names = ("checkpoint.pth", "checkpoint.pth.prev", "metrics.jsonl")
+    assert utils.remove_partial_files(str(tmp_path), names) == [
+        "checkpoint.pth.prev.tmp.17",
+        "checkpoint.pth.tmp.4242",
+        "metrics.jsonl.tmp.9",
+    ]
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint.pth",
+        "checkpoint.pth.prev",
+        "notes.tmp.txt",
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# The command line, checked before anything starts
+# --------------------------------------------------------------------------------------
+
+
+def _resolve(*flags: str):
+    return train.resolve_args(train.get_args_parser().parse_args(list(flags)))
+
+
+@pytest.mark.parametrize(
+    "flags, name",
+    [
+        (["--print-freq", "0"], "--print-freq"),
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--dist-timeout", "0"], "--dist-timeout"),
+        (["-b", "0"], "--batch-size"),
+        (["--num-train", "0"], "--num-train"),
+        (["--num-val", "-3"], "--num-val"),
+        (["--image-size", "0"], "--image-size"),
+        (["--image-size", "12"], "--image-size"),  # below 2 x --output-stride 8
+        (["--base-width", "0"], "--base-width"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--momentum", "1.5"], "--momentum"),
+        (["--weight-decay", "-0.5"], "--weight-decay"),
+        (["--switch-lr-scale", "inf"], "--switch-lr-scale"),
+        (["--lr-warmup-epochs", "-1"], "--lr-warmup-epochs"),
+        (["--lr-warmup-decay", "0"], "--lr-warmup-decay"),
+        (["--workers", "-1"], "--workers"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_numeric_flags_are_checked_with_their_name(flags, name):
+    with pytest.raises(SystemExit, match=rf"^{name} must be .*got") as e:
+        _resolve(*flags)
+    assert flags[-1] in str(e.value) or name == "--image-size"
+
+
+def test_every_numeric_flag_has_a_check():
+    numeric = {
+        a.dest
+        for a in train.get_args_parser()._actions
+        if a.type in (int, float) and a.choices is None
+    }
+    assert numeric == {key for key, _, _ in train._NUMERIC_FLAGS}
+    _resolve("--epochs", "1", "--print-freq", "1", "--lr-warmup-epochs", "0")  # edges pass
+
+
+@pytest.mark.parametrize("norm", ["sn", "ssn"])
+def test_a_local_switchable_norm_with_one_image_stops_with_the_fixes(norm):
+    with pytest.raises(SystemExit) as e:
+        _resolve("--norm", norm, "-b", "1")
+    message = str(e.value)
+    assert f"--norm {norm}_nobn" in message and "using_bn=False" in message
+    assert "-b 2" in message and f"--norm sync{norm}" in message
+    _resolve("--norm", f"{norm}_nobn", "-b", "1")
+    # Evaluation needs no batch statistics.
+    _resolve("--norm", norm, "-b", "1", "--test-only")
+    # A synchronized norm needs two images over all processes.
+    args = _resolve("--norm", f"sync{norm}", "-b", "1")
+    with pytest.raises(SystemExit, match=rf"--norm {norm}_nobn .*using_bn=False.*-b 2"):
+        train.check_batch(args, world_size=1)
+    train.check_batch(args, world_size=2)
+    layer = train.norm_factory(f"{norm}_nobn")(8)
+    assert not layer.using_bn and layer.running_mean is None
+
+
+# --------------------------------------------------------------------------------------
+# Single-process runs in this process
+# --------------------------------------------------------------------------------------
+
+# 4 training images in 2 steps, 2 validation images, a narrow network: a second an epoch.
+HERE_ARGS = [*TINY, "--num-train", "4", "--num-val", "2", "--base-width", "8"]
+_PLOTS = ("plot_curves", "plot_switch_weights")
+_LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+@pytest.fixture
+def train_here(monkeypatch):
+    """``train_here(out, *flags)`` runs train.py's main in this process, as one process
+    (whatever launcher runs the suite), and returns its exit status. The pictures are
+    stand-in files (drawing them takes seconds; the launched runs draw real ones)."""
+    import syncsn
+
+    for name in _PLOTS:
+        monkeypatch.setattr(train, name, lambda what, path: Path(path).write_bytes(b"png"))
+
+    for name in list(os.environ):
+        if name in _LAUNCH_VARS or name.startswith(("SLURM_", "TORCHELASTIC_")):
+            monkeypatch.delenv(name)
+    handlers = {s: signal.getsignal(s) for s in utils.StopRequest.SIGNALS}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def run(out: Path, *flags: str) -> int:
+        return train.main(_resolve(*HERE_ARGS, "--output-dir", str(out), *flags))
+
+    try:
+        yield run
+    finally:
+        torch.set_num_threads(threads)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        syncsn.distributed.cleanup()
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+@pytest.mark.timeout(120)
+def test_resume_none_moves_the_earlier_run_aside(train_here, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_here(out, "--epochs", "1") == 0
+    before = _snapshot(out)
+    assert {"checkpoint.pth", "metrics.jsonl", "curves.png", "switch_weights.txt"} <= set(before)
+
+    capsys.readouterr()
+    # Starting over keeps every file of the earlier run, byte for byte.
+    assert train_here(out, "--epochs", "1", "--resume", "none", "--seed", "4") == 0
+    (aside,) = (out / "set-aside").iterdir()
+    assert _snapshot(aside) == before
+    assert f"moved {', '.join(n for n in train.RUN_FILES if n in before)} to {aside}" in (
+        capsys.readouterr().out
+    )
+    assert [r["epoch"] for r in _rows(out)] == [0]
+    assert _rows(out) != [json.loads(before["metrics.jsonl"])]  # a new run (seed 4)
+
+    # The flag-mismatch error suggests --resume none, which is now safe to follow.
+    now = _snapshot(out)
+    with pytest.raises(SystemExit, match="--resume none \\(which moves the run") as e:
+        train_here(out, "--epochs", "1", "--norm", "sn")
+    assert str(out / "checkpoint.pth") in str(e.value)
+    assert _snapshot(out) == now
+
+
+def test_every_way_of_starting_over_sets_the_earlier_run_aside(tmp_path, capsys):
+    def run_dir(name: str, files: tuple[str, ...]) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        for file in files:
+            (out / file).write_text(json.dumps({"epoch": 0}) + "\n" if file.endswith("l") else file)
+        return out
+
+    # No checkpoint (deleted, say) next to the metrics of a run: they are kept.
+    out = run_dir("no_checkpoint", ("metrics.jsonl", "curves.png"))
+    train.prepare_output_dir(str(out), None, 0)
+    (aside,) = (out / "set-aside").iterdir()
+    assert sorted(os.listdir(aside)) == ["curves.png", "metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == ""
+    # A checkpoint from another directory: this one's run is not continued.
+    out = run_dir("elsewhere", ("checkpoint.pth", "checkpoint.pth.prev", "metrics.jsonl"))
+    train.prepare_output_dir(str(out), str(tmp_path / "other" / "checkpoint.pth"), 1)
+    (aside,) = (out / "set-aside").iterdir()
+    assert sorted(os.listdir(aside)) == ["checkpoint.pth", "checkpoint.pth.prev", "metrics.jsonl"]
+    # Continuing the run in place moves nothing.
+    out = run_dir("continue", ("checkpoint.pth", "metrics.jsonl"))
+    train.prepare_output_dir(str(out), str(out / "checkpoint.pth"), 1)
+    assert not (out / "set-aside").exists() and [r["epoch"] for r in _rows(out)] == [0]
+    assert "held an earlier run: moved checkpoint.pth" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
+def test_a_damaged_checkpoint_stops_the_resume_and_the_previous_one_continues(
+    train_here, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert train_here(out, "--epochs", "2") == 0
+    ckpt, previous = out / "checkpoint.pth", out / "checkpoint.pth.prev"
+    assert torch.load(previous, weights_only=True)["epoch"] == 0
+    rows = _rows(out)
+    _damage(ckpt)
+    damaged = ckpt.read_bytes()
+
+    with pytest.raises(SystemExit) as e:
+        train_here(out, "--epochs", "3")
+    message = str(e.value)
+    assert f"checkpoint {ckpt} is damaged" in message
+    assert f"{previous} (after epoch 0) is intact" in message
+    assert f"--resume {previous}" in message
+    assert ckpt.read_bytes() == damaged  # left as it was
+
+    # Continue from the previous checkpoint; the next run also removes what a killed
+    # save left behind.
+    (out / "checkpoint.pth.tmp.4242").write_bytes(damaged[:1000])
+    capsys.readouterr()
+    assert train_here(out, "--epochs", "3", "--resume", str(previous)) == 0
+    log = capsys.readouterr().out
+    assert "continuing at epoch 1\n" in log
+    assert "removed 1 partial file(s) of an interrupted save: checkpoint.pth.tmp.4242" in log
+    assert not list(out.glob("*.tmp.*"))
+    # Nothing the earlier runs wrote is lost: the damaged file and the metrics of the
+    # epoch trained again are set aside.
+    (aside,) = (out / "set-aside").iterdir()
+    assert (aside / "checkpoint.pth").read_bytes() == damaged
+    assert [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()] == rows
+    assert [r["epoch"] for r in _rows(out)] == [0, 1, 2] and _rows(out)[0] == rows[0]
+    assert utils.load_checkpoint(str(ckpt))["epoch"] == 2
+    assert utils.load_checkpoint(str(previous))["epoch"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_training_without_matplotlib_skips_the_pictures_with_one_warning(
+    train_here, tmp_path, capsys, monkeypatch
+):
+    for name in _PLOTS:  # the real ones, which import matplotlib
+        monkeypatch.setattr(train, name, getattr(utils, name))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    out = tmp_path / "run"
+    assert train_here(out, "--epochs", "2") == 0
+    err = capsys.readouterr().err
+    assert err.count("matplotlib is not installed") == 1, err
+    assert "pip install matplotlib" in err
+    assert [r["epoch"] for r in _rows(out)] == [0, 1]
+    assert (out / "switch_weights.txt").exists()
+    assert not list(out.glob("*.png"))
+
+
+def test_missing_pillow_or_tqdm_is_handled_at_start_up(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(SystemExit, match="--dataset voc needs Pillow.*pip install pillow"):
+        train.check_dependencies(_resolve("--dataset", "voc", "--data-path", "/nowhere"))
+    assert train.check_dependencies(_resolve())  # the synthetic data needs no Pillow
+    # Without tqdm a terminal gets the log lines instead of a bar.
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    progress = utils.Progress("epoch 0/0", 2, 0, 0, print_freq=1, enabled=True)
+    progress.update(loss=1.0)
+    assert progress.bar is None and "epoch 0/0 [1/2] loss 1" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
+def test_sn_without_the_bn_scope_trains_on_one_image_per_process(train_here, tmp_path):
+    out = tmp_path / "run"
+    assert train_here(out, "--epochs", "1", "--norm", "sn_nobn", "-b", "1") == 0
+    ckpt = utils.load_checkpoint(str(out / "checkpoint.pth"))
+    assert ckpt["args"]["norm"] == "sn_nobn"
+    assert "backbone.bn1.mean_weight" in ckpt["model"]
+    assert not any("running_mean" in k for k in ckpt["model"])  # no BN scope anywhere
+    assert ckpt["model"]["backbone.bn1.mean_weight"].shape == (2,)  # IN and LN
 
 
 # --------------------------------------------------------------------------------------

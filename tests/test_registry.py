@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import syncsn
 from syncsn import registry
 from syncsn.convert import revert_sync
-from syncsn.registry import build_norm_layer, norm_layer_names, register_norm
+from syncsn.registry import (
+    abbreviation,
+    build_named_norm_layer,
+    build_norm_layer,
+    norm_layer_names,
+    register_norm,
+)
 from syncsn.sparse_switchnorm import (
     SparseSwitchNorm1d,
     SparseSwitchNorm2d,
@@ -54,7 +63,7 @@ def test_syncbn_spelling_is_remembered_for_revert(dim: int) -> None:
 def test_keyword_arguments_reach_the_layer() -> None:
     bn = build_norm_layer("BN3d", 4, eps=1e-3, momentum=None, affine=False)
     assert (bn.eps, bn.momentum, bn.affine) == (1e-3, None, False)
-    group = object()
+    group = mock.Mock(spec=dist.ProcessGroup)
     sn = build_norm_layer("SyncSN", 4, process_group=group, using_bn=False, last_gamma=True)
     assert sn.process_group is group and sn.scopes == ("in", "ln")
     assert torch.equal(sn.weight, torch.zeros(4))
@@ -84,7 +93,7 @@ def test_unknown_name_lists_the_known_ones() -> None:
         build_norm_layer("FooNorm", 4)
     for name in ("BN", "SyncBN", "SN", "SyncSN", "SSN", "SyncSSN", "GN", "IN", "LN", "SN3d"):
         assert name in str(info.value).split("known names: ")[1].split(", ")
-    with pytest.raises(ValueError, match="unknown normalization layer None"):
+    with pytest.raises(TypeError, match=r"registered name .* or a dict.*got None"):
         build_norm_layer(None, 4)
 
 
@@ -105,3 +114,75 @@ def test_register_a_name(restore_registry) -> None:
         register_norm("sn", nn.BatchNorm2d)
     register_norm("SN", nn.BatchNorm2d, overwrite=True)
     assert type(build_norm_layer("SN", 4)) is nn.BatchNorm2d
+
+
+# --- OpenMMLab-style configs -----------------------------------------------------------------
+
+
+def test_dict_config_with_requires_grad() -> None:
+    cfg = dict(type="SyncSN", requires_grad=False, eps=1e-3, using_bn=False)
+    layer = build_norm_layer(cfg, 6)
+    assert type(layer) is syncsn.SyncSwitchNorm2d and layer.eps == 1e-3
+    assert layer.scopes == ("in", "ln")
+    assert [p.requires_grad for p in layer.parameters()] == [False] * 4
+    assert cfg == dict(type="SyncSN", requires_grad=False, eps=1e-3, using_bn=False)
+    assert all(p.requires_grad for p in build_norm_layer(dict(type="SN"), 6).parameters())
+
+
+def test_dict_config_with_a_class_and_keyword_arguments() -> None:
+    layer = build_norm_layer(dict(type=syncsn.SwitchNorm3d, momentum=0.01), 4, affine=False)
+    assert type(layer) is syncsn.SwitchNorm3d and layer.momentum == 0.01 and not layer.affine
+    gn = build_norm_layer(dict(type=nn.GroupNorm, num_groups=2), 8)
+    assert (gn.num_groups, gn.num_channels) == (2, 8)
+
+
+def test_dict_config_errors() -> None:
+    with pytest.raises(TypeError, match=r"needs a 'type'.*\['eps'\]"):
+        build_norm_layer(dict(eps=1e-3), 4)
+    with pytest.raises(ValueError, match="eps given both in the config and as keyword"):
+        build_norm_layer(dict(type="SN", eps=1e-3), 4, eps=1e-4)
+    with pytest.raises(TypeError, match="requires_grad must be True or False, got 'no'"):
+        build_norm_layer(dict(type="SN", requires_grad="no"), 4)
+    with pytest.raises(TypeError, match="nn.Module class, got the class int"):
+        build_norm_layer(dict(type=int), 4)
+    with pytest.raises(ValueError, match="unknown normalization layer 'Nope'"):
+        build_norm_layer(dict(type="Nope"), 4)
+
+
+@pytest.mark.parametrize(
+    "cfg, name",
+    [
+        ("BN", "bn"),
+        ("SyncBN3d", "bn"),
+        ("SN", "bn"),  # a _BatchNorm: BatchNorm checkpoints keep their keys
+        (dict(type="SyncSSN"), "bn"),
+        (dict(type="GN", num_groups=2), "gn"),
+        ("IN1d", "in"),
+        ("LN", "ln"),
+    ],
+)
+def test_named_form(cfg, name: str) -> None:
+    assert build_named_norm_layer(cfg, 4)[0] == name
+    assert build_named_norm_layer(cfg, 4, postfix=3)[0] == f"{name}3"
+    assert build_named_norm_layer(cfg, 4, postfix="_x")[0] == f"{name}_x"
+    with pytest.raises(TypeError, match="postfix must be an int or a str"):
+        build_named_norm_layer(cfg, 4, postfix=1.5)
+
+
+def test_abbreviations_follow_class_attributes_and_names(restore_registry) -> None:
+    class FancyNorm(nn.Module):
+        _abbr_ = "fn"
+
+        def __init__(self, num_features: int) -> None:
+            super().__init__()
+
+    class MyLayerNormalization(nn.Module):
+        def __init__(self, num_features: int) -> None:
+            super().__init__()
+
+    assert abbreviation(FancyNorm) == "fn" and abbreviation(MyLayerNormalization) == "ln"
+    assert abbreviation(nn.Identity) == "norm_layer"
+    register_norm("Fancy", FancyNorm)
+    register_norm("Other", FancyNorm, abbr="other")
+    assert build_named_norm_layer("Fancy", 4, postfix=1)[0] == "fn1"
+    assert build_named_norm_layer("Other", 4)[0] == "other"

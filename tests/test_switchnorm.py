@@ -644,3 +644,144 @@ def test_instance_statistics_helper_is_unbiased() -> None:
     mean, var = instance_stats(x)
     flat = x.reshape(*x.shape[:2], -1)
     assert torch.allclose(mean, flat.mean(-1)) and torch.allclose(var, flat.var(-1))
+
+
+# ---------------------------------------------------------------------------------------
+# Constructor arguments: every layer checks every argument
+
+ALL_LAYERS = [
+    syncsn.SwitchNorm1d,
+    syncsn.SwitchNorm2d,
+    syncsn.SyncSwitchNorm3d,
+    syncsn.SparseSwitchNorm2d,
+    syncsn.SyncSparseSwitchNorm1d,
+    syncsn.SyncBatchNorm,
+]
+
+BAD_ARGUMENTS = [
+    ({"momentum": "a"}, TypeError, r"momentum must be None .* or a number in \[0, 1\], got 'a'"),
+    ({"momentum": True}, TypeError, r"momentum .* got True \(bool\)"),
+    ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\].* got 1\.5"),
+    ({"momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\].* got -0\.1"),
+    ({"momentum": float("nan")}, ValueError, r"momentum must be in \[0, 1\].* got nan"),
+    ({"eps": 0}, ValueError, r"eps must be finite and > 0, got 0"),
+    ({"eps": -1e-5}, ValueError, r"eps must be finite and > 0, got -1e-05"),
+    ({"eps": float("inf")}, ValueError, r"eps must be finite and > 0, got inf"),
+    ({"eps": "1e-5"}, TypeError, r"eps must be a positive number, got '1e-5' \(str\)"),
+    ({"num_features": 0}, ValueError, r"num_features must be at least 1, got 0"),
+    ({"num_features": 4.0}, TypeError, r"num_features must be an int, got 4\.0 \(float\)"),
+    ({"num_features": True}, TypeError, r"num_features must be an int, got True"),
+    ({"affine": "False"}, TypeError, r"affine must be True or False, got 'False' \(str\)"),
+    ({"track_running_stats": 0}, TypeError, r"track_running_stats must be True or False"),
+]
+
+
+@pytest.mark.parametrize("cls", ALL_LAYERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bad, error, message", BAD_ARGUMENTS, ids=lambda v: str(v)[:30])
+def test_constructor_checks_arguments(cls, bad: dict, error: type, message: str) -> None:
+    kwargs = {"num_features": 4, **bad}
+    with pytest.raises(error, match=rf"{cls.__name__}: {message}"):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [c for c in ALL_LAYERS if c is not syncsn.SyncBatchNorm])
+@pytest.mark.parametrize(
+    "name", ["using_moving_average", "using_bn", "last_gamma", "bias"], ids=str
+)
+def test_switchable_flags_must_be_bools(cls, name: str) -> None:
+    with pytest.raises(TypeError, match=rf"{name} must be True or False, got 'yes'"):
+        cls(4, **{name: "yes"})
+
+
+@pytest.mark.parametrize("cls", [syncsn.SyncSwitchNorm2d, syncsn.SyncBatchNorm])
+def test_process_group_must_be_a_group(cls) -> None:
+    with pytest.raises(TypeError, match=r"process_group must be None .* got 8 \(int\)"):
+        cls(4, process_group=8)
+    cls(4, process_group=None)
+
+
+def test_switchnorm1d_needs_two_features() -> None:
+    with pytest.raises(ValueError, match=r"needs num_features >= 2.*1 feature"):
+        syncsn.SwitchNorm1d(1)
+
+
+@pytest.mark.parametrize(
+    "cls, shape",
+    [
+        (syncsn.SwitchNorm1d, (4, 3)),
+        (syncsn.SwitchNorm2d, (2, 3, 4, 4)),
+        (syncsn.SparseSwitchNorm3d, (2, 3, 2, 2, 2)),
+        (syncsn.SyncBatchNorm, (2, 3, 4)),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_float8_input_is_a_type_error(cls, shape: tuple, dtype: torch.dtype) -> None:
+    x = torch.randn(shape).to(dtype)
+    with pytest.raises(TypeError) as info:
+        cls(3)(x)
+    message = str(info.value)
+    assert str(dtype) in message
+    for supported in ("float16", "bfloat16", "float32", "float64"):
+        assert supported in message, message
+
+
+# ---------------------------------------------------------------------------------------
+# track_running_stats and bias, with torch's meaning
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_track_running_stats_false_has_no_buffers(dim: int) -> None:
+    layer = layer_class(dim)(5, track_running_stats=False)
+    assert not layer.track_running_stats and layer.using_bn
+    assert layer.running_mean is None and layer.running_var is None
+    assert layer.num_batches_tracked is None
+    assert not any("running" in k or "tracked" in k for k in layer.state_dict())
+    assert "track_running_stats=False" in repr(layer)
+    layer.reset_parameters()  # nothing to reset, no error
+    # Without the BN scope nothing is tracked either.
+    assert not layer_class(dim)(5, using_bn=False).track_running_stats
+    assert layer_class(dim)(5).track_running_stats
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("cls_name", ["SwitchNorm", "SyncSwitchNorm"])
+def test_track_running_stats_false_uses_batch_statistics_in_eval(dim: int, cls_name) -> None:
+    """Eval mode computes what training computes (the BN scope from the batch), against the
+    float64 transcription in training mode, and nothing is updated."""
+    shape = SHAPES[dim]
+    layer = getattr(syncsn, f"{cls_name}{dim}d")(shape[1], track_running_stats=False).double()
+    reference = make_layer(dim, shape[1])
+    layer.load_state_dict(reference.state_dict(), strict=False)
+    x = make_input(shape, torch.float64)
+    fn = sn1d_forward if dim == 1 else sn_forward
+    params = [getattr(layer, n).detach() for n in PARAM_NAMES]
+    expected, _ = fn(x, *params, eps=layer.eps, training=True)
+    for training in (True, False):
+        assert rel_err(layer.train(training)(x), expected) <= 1e-12, training
+    assert layer.running_mean is None
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_bias_false(dim: int) -> None:
+    shape = SHAPES[dim]
+    layer = layer_class(dim)(shape[1], bias=False).double()
+    assert layer.bias is None and layer.weight is not None
+    assert "bias" not in layer.state_dict() and "bias=False" in repr(layer)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    x = make_input(shape, torch.float64)
+    fn = sn1d_forward if dim == 1 else sn_forward
+    logits = [layer.mean_weight.detach(), layer.var_weight.detach()]
+    expected, _ = fn(x, layer.weight.detach(), None, *logits, eps=layer.eps, training=True)
+    assert rel_err(layer(x), expected) <= 1e-12
+
+
+def test_batchnorm_tools_of_torch_recognise_the_layers() -> None:
+    """torch.func.replace_all_batch_norm_modules_ turns _BatchNorm layers into ones without
+    running statistics; a switchable layer then computes with batch statistics."""
+    layer = make_layer(2, 6)
+    x = make_input(SHAPES[2], torch.float64)
+    train_output = layer.train()(x)
+    torch.func.replace_all_batch_norm_modules_(layer)
+    assert not layer.track_running_stats and layer.running_mean is None
+    assert rel_err(layer.eval()(x), train_output) <= 1e-12

@@ -11,6 +11,7 @@ timeout instead of blocking the run.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -271,6 +272,224 @@ def test_debug_accepts_the_same_layers_when_a_rank_built_an_extra_one(world):
     # must not report a disagreement although the creation numbers differ.
     for message in world.run(_debug_extra_layer_case, timeout=CASE_TIMEOUT):
         assert message is None, message
+
+
+# -- SYNCSN_DEBUG: ranks that do not come, or come to a different call ----------------------------
+#
+# Each case makes fresh pair groups: a timeout leaves its group failed for good (every later
+# check raises), as it should in a real run. The ranks play the scenario on a two-layer net; in
+# pair 0 the first rank is the odd one out, in pair 1 the second.
+
+DEBUG_TIMEOUT = 2.0  # seconds; SYNCSN_DEBUG_TIMEOUT for these cases (default 30)
+SLACK = 3.0  # seconds past the timeout by which every rank must have raised (a busy machine)
+
+
+@contextmanager
+def debug_mode(timeout: float = DEBUG_TIMEOUT):
+    """SYNCSN_DEBUG=1 with a short SYNCSN_DEBUG_TIMEOUT for the block."""
+    old = os.environ.get("SYNCSN_DEBUG_TIMEOUT")
+    os.environ["SYNCSN_DEBUG_TIMEOUT"] = str(timeout)
+    try:
+        with debug_switch():
+            yield
+    finally:
+        if old is None:
+            del os.environ["SYNCSN_DEBUG_TIMEOUT"]
+        else:
+            os.environ["SYNCSN_DEBUG_TIMEOUT"] = old
+
+
+def fresh_pair_net(rank: int) -> tuple[torch.nn.Sequential, bool]:
+    """SyncSwitchNorm2d '0' then SyncBatchNorm '1' on a new pair group, and whether this rank
+    is the odd one out of its pair."""
+    group = syncsn.create_sync_groups(2)
+    net = torch.nn.Sequential(sync_layer("sn2d", group), sync_layer("bn", group))
+    syncsn.name_sync_layers(net)
+    return net, odd_one_out(rank)
+
+
+def odd_one_out(rank: int) -> bool:
+    return rank % 2 == rank // 2
+
+
+def _input() -> torch.Tensor:
+    return torch.randn(2, C, 4, 3, dtype=torch.float64)
+
+
+def _outcome(fn) -> tuple[str | None, float]:
+    """(the error fn raised, or None; seconds it took)."""
+    start = time.monotonic()
+    try:
+        fn()
+    except RuntimeError as err:
+        return str(err), time.monotonic() - start
+    return None, time.monotonic() - start
+
+
+SN_LABEL, BN_LABEL = f"SyncSwitchNorm2d({C}) '0'", f"SyncBatchNorm({C}) '1'"
+
+
+def _eval_train_case(rank):
+    net, odd = fresh_pair_net(rank)
+    x = _input()
+    with debug_mode():
+        if not odd:
+            return _outcome(lambda: net(x.requires_grad_()).sum().backward())
+        net.eval()  # forgotten model.train() after an evaluation on this rank
+
+        def steps() -> None:
+            # It goes on with its training steps in eval mode: no collective holds it up.
+            deadline = time.monotonic() + 5 * DEBUG_TIMEOUT
+            while time.monotonic() < deadline:
+                net(x.requires_grad_()).sum().backward()
+                time.sleep(0.05)
+
+        return _outcome(steps)
+
+
+def test_debug_eval_train_mismatch_raises_on_every_rank_in_bounded_time(world):
+    for rank, (message, seconds) in enumerate(world.run(_eval_train_case, timeout=CASE_TIMEOUT)):
+        odd = odd_one_out(rank)
+        assert message is not None, f"rank {rank}: no error"
+        # Both: the layer, the rank that did not come and the cause.
+        evaluating = rank if odd else rank ^ 1
+        assert SN_LABEL in message and f"rank {evaluating} did not come" in message, message
+        assert "eval/train mismatch" in message and "eval mode" in message, message
+        # The training rank gives up after the timeout; the evaluating one learns it at its
+        # next Sync layer call after that (the two started within moments of each other).
+        assert DEBUG_TIMEOUT - 0.5 <= seconds < DEBUG_TIMEOUT + SLACK, (rank, seconds)
+        if odd:
+            assert f"This rank (rank {rank}) had not come to call #0" in message, message
+
+
+def _skip_case(rank, then):
+    net, odd = fresh_pair_net(rank)
+    x = _input()
+    with debug_mode():
+        if not odd:
+            if then == "backward":
+                return _outcome(lambda: net(x.requires_grad_()).sum().backward())
+            with torch.no_grad():  # forward-only steps (recalibrating statistics, say)
+                return _outcome(lambda: [net(x) for _ in range(2)])
+
+        def skipping() -> None:
+            # This rank does not call the last layer (its output is unused here).
+            if then == "backward":
+                net[0](x.requires_grad_()).sum().backward()
+            elif then == "next step":
+                with torch.no_grad():
+                    for _ in range(2):
+                        net[0](x)
+            else:
+                with torch.no_grad():
+                    net[0](x)
+                    time.sleep(DEBUG_TIMEOUT + 1)  # busy where no check sees it (data loading)
+                    net[0](x)  # the next step's first layer
+
+        return _outcome(skipping)
+
+
+@pytest.mark.parametrize("then", ["backward", "next step"])
+def test_debug_skipped_layer_is_reported_at_once_by_the_next_call(world, then):
+    # The rank that skipped the last layer goes on to a call of its own: the backward
+    # all-reduce of the first layer, or the next step's first layer. The ranks' calls #1
+    # differ, so both raise at once, each naming every rank's call.
+    for rank, (message, seconds) in enumerate(world.run(_skip_case, then, timeout=CASE_TIMEOUT)):
+        assert message is not None, f"rank {rank}: no error"
+        skipper = rank if odd_one_out(rank) else rank ^ 1
+        calling = skipper ^ 1
+        assert "not at the same Sync layer call (#1" in message, message
+        assert f"rank {calling}: the training forward of {BN_LABEL}" in message, message
+        if then == "backward":
+            assert f"rank {skipper}: the backward all-reduce of" in message, message
+            assert f"Rank {skipper} went on to the backward pass" in message, message
+        else:
+            assert f"rank {skipper}: the training forward of {SN_LABEL}" in message, message
+        assert seconds < DEBUG_TIMEOUT, (rank, seconds)
+
+
+def test_debug_skipped_layer_times_out_and_the_skipping_rank_learns_it_next(world):
+    # The rank that skipped the last layer is busy where no check sees it: the waiting rank
+    # gives up after the timeout naming it, and its next Sync layer call raises at once.
+    results = world.run(_skip_case, "later", timeout=CASE_TIMEOUT)
+    for rank, (message, seconds) in enumerate(results):
+        odd = odd_one_out(rank)
+        skipper = rank if odd else rank ^ 1
+        assert message is not None, f"rank {rank}: no error"
+        assert f"{BN_LABEL}: rank {skipper} did not come to this call (#1" in message, message
+        assert "a skipped call" in message and "find_unused_parameters" in message, message
+        if odd:
+            learns = f"had not come to call #1; it is now at the training forward of {SN_LABEL}"
+            assert learns in message, message
+            assert DEBUG_TIMEOUT + 1 <= seconds < DEBUG_TIMEOUT + 1 + SLACK, (rank, seconds)
+        else:
+            assert DEBUG_TIMEOUT <= seconds < DEBUG_TIMEOUT + SLACK, (rank, seconds)
+
+
+def _caught_case(rank):
+    net, odd = fresh_pair_net(rank)
+    x = _input()
+    with debug_mode():
+        if not odd:
+            return _outcome(lambda: net(x))
+
+        def carry_on() -> None:
+            try:
+                net[0](x[:, :-1])  # one channel short: this rank's own ValueError
+            except ValueError:
+                pass  # ...caught and ignored
+            net[1](x)
+
+        return _outcome(carry_on)
+
+
+def test_debug_rank_that_catches_its_layers_error_and_moves_on(world):
+    for rank, (message, seconds) in enumerate(world.run(_caught_case, timeout=CASE_TIMEOUT)):
+        odd = odd_one_out(rank)
+        me, other = (BN_LABEL, SN_LABEL) if odd else (SN_LABEL, BN_LABEL)
+        assert message is not None, f"rank {rank}: no error"
+        assert "not at the same Sync layer call (#0" in message, message
+        assert f"rank {rank}: the training forward of {me}" in message, message
+        assert f"rank {rank ^ 1}: the training forward of {other}" in message, message
+        assert "exception caught" in message, message
+        assert seconds < DEBUG_TIMEOUT, (rank, seconds)
+
+
+def _solo_eval_case(rank):
+    net, odd = fresh_pair_net(rank)
+    x = _input()
+    with debug_mode():
+        start = time.monotonic()
+        if odd:
+            net.eval()
+            with torch.no_grad():  # this rank evaluates alone
+                for _ in range(3):
+                    net(x)
+            net.train()
+        else:
+            time.sleep(DEBUG_TIMEOUT / 2)  # the others are busy meanwhile
+        evaluated = time.monotonic() - start
+        net(x.requires_grad_()).sum().backward()  # then all train together
+    return evaluated, x.grad
+
+
+def test_debug_accepts_a_rank_that_evaluates_alone(world):
+    results = world.run(_solo_eval_case, timeout=CASE_TIMEOUT)
+    for rank, (evaluated, grad) in enumerate(results):
+        if odd_one_out(rank):
+            assert evaluated < DEBUG_TIMEOUT / 4, evaluated  # eval calls wait for no one
+        assert grad is not None and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
+def test_debug_timeout_must_be_a_positive_number(monkeypatch, value):
+    monkeypatch.setenv("SYNCSN_DEBUG_TIMEOUT", value)
+    with pytest.raises(ValueError, match=f"SYNCSN_DEBUG_TIMEOUT .* got '{value}'"):
+        syncsn.comm.debug_timeout()
+    monkeypatch.setenv("SYNCSN_DEBUG_TIMEOUT", "2.5")
+    assert syncsn.comm.debug_timeout() == 2.5
+    monkeypatch.delenv("SYNCSN_DEBUG_TIMEOUT")
+    assert syncsn.comm.debug_timeout() == syncsn.comm.DEFAULT_DEBUG_TIMEOUT
 
 
 # -- inputs that differ in requires_grad -------------------------------------------------------

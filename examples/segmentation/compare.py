@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from utils import read_jsonl
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def load_run(path: str) -> tuple[str, list[dict]]:
@@ -26,6 +30,30 @@ def load_run(path: str) -> tuple[str, list[dict]]:
         args = torch.load(ckpt, map_location="cpu", weights_only=True)["args"]
         label = "BN->SyncSN" if args.get("convert") else args["norm"]
     return label, rows
+
+
+def plot_miou(
+    ax: Axes,
+    label: str,
+    epochs: list[int],
+    miou: list[float],
+    band: tuple[list[float], list[float]] | None = None,
+    color: str | None = None,
+) -> None:
+    """One mIoU-per-epoch curve on a matplotlib ``ax``; ``band`` (low, high) per epoch is
+    shaded behind it (the spread over seeds in study.py)."""
+    (line,) = ax.plot(epochs, miou, "o-", label=label, color=color)
+    if band is not None:
+        ax.fill_between(epochs, band[0], band[1], color=line.get_color(), alpha=0.18, lw=0)
+
+
+def style_miou_axes(ax: Axes, title: str) -> None:
+    """Labels, integer epoch ticks and a light grid for mIoU-per-epoch curves."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set(xlabel="epoch", ylabel="validation mIoU", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
 
 
 def main() -> None:
@@ -49,14 +77,11 @@ def main() -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
 
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         for label, rows in runs:
-            ax.plot([r["epoch"] for r in rows], [r["miou"] for r in rows], "o-", label=label)
-        ax.set(xlabel="epoch", ylabel="validation mIoU", title="mIoU per epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+            plot_miou(ax, label, [r["epoch"] for r in rows], [r["miou"] for r in rows])
+        style_miou_axes(ax, "mIoU per epoch")
         ax.legend()
         fig.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

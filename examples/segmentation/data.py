@@ -17,8 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
+
+try:
+    from PIL import Image
+except ImportError:  # only the datasets on disk need Pillow; train.py says how to install it
+    Image = None
 
 IGNORE_INDEX = 255
 MEAN = (0.485, 0.456, 0.406)

@@ -6,20 +6,27 @@ synchronized Switchable Normalization (or any other norm of the syncsn registry)
         --dataset voc --data-path /data --norm syncsn                     # 8 GPUs, 2 img each
 
 Defaults that depend on the dataset (image size, backbone, epochs, ...) come from PRESETS;
-any flag given on the command line wins. Outputs go to --output-dir: checkpoint.pth,
-metrics.jsonl, curves.png and, for the Switchable Normalization family,
-switch_weights.txt / switch_weights.png.
+any flag given on the command line wins. Outputs go to --output-dir: checkpoint.pth (and
+checkpoint.pth.prev, the one before), metrics.jsonl, curves.png and, for the Switchable
+Normalization family, switch_weights.txt / switch_weights.png. A run that starts over in a
+directory holding another run moves that run to <output-dir>/set-aside/ first.
+
+The layout follows torchvision's reference scripts: get_args_parser / resolve_args, the
+builders, the checkpoint helpers, train_one_epoch, evaluate and main.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 import torch
@@ -32,32 +39,45 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from utils import (
+    CheckpointError,
     Progress,
     ResumableSampler,
     StopRequest,
     atomic_save,
     ignore_stop_signals,
+    load_checkpoint,
     lr_factor,
+    move_aside,
     plot_curves,
     plot_switch_weights,
     read_jsonl,
+    remove_partial_files,
+    with_integrity,
     write_jsonl,
 )
 
 import syncsn
 from syncsn.distributed import init_distributed
 
-# --norm choices -> names in syncsn's registry.
-NORMS = {
-    "syncsn": "SyncSN",
-    "sn": "SN",
-    "syncbn": "SyncBN",
-    "bn": "BN",
-    "gn": "GN",
-    "syncssn": "SyncSSN",
-    "ssn": "SSN",
+# --norm choices -> (name in syncsn's registry, constructor arguments).
+NORMS: dict[str, tuple[str, dict[str, object]]] = {
+    "syncsn": ("SyncSN", {}),
+    "sn": ("SN", {}),
+    # Without the BN scope: the SN authors' setting for one image per GPU, where a local
+    # layer has no batch statistics.
+    "sn_nobn": ("SN", {"using_bn": False}),
+    "syncbn": ("SyncBN", {}),
+    "bn": ("BN", {}),
+    "gn": ("GN", {}),
+    "syncssn": ("SyncSSN", {}),
+    "ssn": ("SSN", {}),
+    "ssn_nobn": ("SSN", {"using_bn": False}),
 }
-SPARSE_NORMS = ("syncssn", "ssn")
+SPARSE_NORMS = ("syncssn", "ssn", "ssn_nobn")
+# Switchable norms whose BN scope needs two images or more per step: per process for the
+# local ones, over all processes for the synchronized ones.
+_LOCAL_BN_SCOPE = {"sn": "SN", "ssn": "SSN"}
+_SYNC_BN_SCOPE = {"syncsn": "sn", "syncssn": "ssn"}
 
 # Per-dataset defaults for the flags left at None. The synthetic preset is sized so that
 # `torchrun --nproc_per_node=2 train.py` trains to a clear result in about three minutes on
@@ -108,6 +128,40 @@ PRESETS: dict[str, dict[str, object]] = {
 # Keys that must match to resume from a checkpoint (the model would not load otherwise).
 _MODEL_ARGS = ("dataset", "backbone", "base_width", "output_stride", "norm", "convert")
 
+# Files of a run in --output-dir. A run that does not continue the one found there moves
+# them aside first (never deletes or overwrites them).
+CHECKPOINT = "checkpoint.pth"
+PREVIOUS_CHECKPOINT = "checkpoint.pth.prev"  # the one before the last, kept by every save
+METRICS = "metrics.jsonl"
+RUN_FILES = (
+    CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
+    METRICS,
+    "curves.png",
+    "switch_weights.txt",
+    "switch_weights.png",
+    "eval.json",
+)
+_TRAINING_STATE = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "step", "args")
+_INSTALL_EXAMPLES = "pip install 'syncsn[examples]'"
+
+
+def log(*msg: object) -> None:
+    """print() on global rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*msg, flush=True)
+
+
+def warn(msg: str) -> None:
+    """One warning line on stderr, on global rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -123,7 +177,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, choices=BACKBONES)
     p.add_argument("--base-width", type=int, default=None, help="first-stage channels (64)")
     p.add_argument("--output-stride", type=int, default=None, choices=(8, 16))
-    p.add_argument("--norm", default="syncsn", choices=tuple(NORMS))
+    p.add_argument(
+        "--norm",
+        default="syncsn",
+        choices=tuple(NORMS),
+        help="normalization layer; sn_nobn / ssn_nobn: SN / SSN without the BN scope",
+    )
     p.add_argument(
         "--convert",
         action="store_true",
@@ -151,7 +210,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         default="auto",
-        help="auto: continue from <output-dir>/checkpoint.pth if it exists; none; or a path",
+        help="auto: continue from <output-dir>/checkpoint.pth if it exists; none: start over "
+        "(an earlier run in <output-dir> is moved to <output-dir>/set-aside/); or a path",
     )
     p.add_argument("--test-only", action="store_true", help="only evaluate the checkpoint")
     p.add_argument("--seed", type=int, default=0)
@@ -161,8 +221,96 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+# Every numeric flag: (attribute, accepts(value), what it must be). None (a preset that
+# does not exist, such as --num-train of a dataset on disk: all images) is always allowed.
+_NUMERIC_FLAGS: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("num_train", lambda v: v >= 1, "an integer >= 1"),
+    ("num_val", lambda v: v >= 1, "an integer >= 1"),
+    ("image_size", lambda v: v >= 1, "an integer >= 1"),
+    ("base_width", lambda v: v >= 1, "an integer >= 1"),
+    ("batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("switch_lr_scale", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("lr_warmup_epochs", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("lr_warmup_decay", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("workers", lambda v: v >= 0, "an integer >= 0"),
+    ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    ("dist_timeout", lambda v: v >= 1, "a number of seconds >= 1"),
+    ("print_freq", lambda v: v >= 1, "an integer >= 1"),
+)
+
+
+def check_numeric_args(args: argparse.Namespace) -> None:
+    """Stops with the flag's name when a numeric flag is out of its range."""
+    for key, accepts, expected in _NUMERIC_FLAGS:
+        value = getattr(args, key)
+        if value is not None and not accepts(value):
+            raise SystemExit(f"--{key.replace('_', '-')} must be {expected}, got {value!r}")
+    # The deepest feature map must hold 2x2 pixels: the IN scope of SN and SSN needs two.
+    if args.image_size < 2 * args.output_stride:
+        raise SystemExit(
+            f"--image-size must be at least 2 x --output-stride = {2 * args.output_stride} "
+            f"(the deepest feature map needs 2x2 pixels), got {args.image_size}"
+        )
+
+
+def check_batch(args: argparse.Namespace, world_size: int | None) -> None:
+    """Stops before training when the BN scope of a switchable norm would see one image.
+    world_size None (not known yet) checks the local norms only."""
+    if args.test_only:
+        return  # evaluation uses the running statistics
+    fixes = "a larger batch (-b 2 or more)"
+    if args.norm in _LOCAL_BN_SCOPE and args.batch_size < 2:
+        name = _LOCAL_BN_SCOPE[args.norm]
+        raise SystemExit(
+            f"--norm {args.norm} with -b {args.batch_size}: a local {name} layer takes the "
+            "statistics of its BN scope over the images of its own process, and one image "
+            f"has none, so training would stop at its first step. Use --norm {args.norm}_nobn "
+            f"({name} without the BN scope, using_bn=False: the SN authors' setting for one "
+            f"image per GPU), {fixes}, or --norm sync{args.norm} (the BN scope over the "
+            "images of all processes)"
+        )
+    if world_size is not None and args.norm in _SYNC_BN_SCOPE and args.batch_size * world_size < 2:
+        local = _SYNC_BN_SCOPE[args.norm]
+        raise SystemExit(
+            f"--norm {args.norm} with -b {args.batch_size} on {world_size} process: the "
+            "synchronized BN scope sees one image in all, and one image has no batch "
+            f"statistics. Use --norm {local}_nobn ({local.upper()} without the BN scope, "
+            f"using_bn=False), {fixes}, or more processes (torchrun --nproc_per_node=2)"
+        )
+
+
+def check_dependencies(args: argparse.Namespace) -> bool:
+    """Optional packages (the examples extra): stops when the dataset cannot be read;
+    returns whether the pictures can be drawn (a warning says so when not)."""
+    if args.dataset != "synthetic" and not _installed("PIL"):
+        raise SystemExit(
+            f"reading --dataset {args.dataset} needs Pillow, which is not installed: "
+            f"pip install pillow (or {_INSTALL_EXAMPLES})"
+        )
+    if args.test_only or _installed("matplotlib"):
+        return True
+    warn(
+        "matplotlib is not installed: curves.png and switch_weights.png will not be drawn "
+        f"(metrics.jsonl and switch_weights.txt are written). To get them: pip install "
+        f"matplotlib (or {_INSTALL_EXAMPLES})"
+    )
+    return False
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # a module in sys.modules without a spec
+        return module in sys.modules and sys.modules[module] is not None
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fills flags left at None from the dataset's preset and checks combinations."""
+    """Fills flags left at None from the dataset's preset and checks every value and
+    combination, so that a bad command line stops before anything starts."""
     for key, value in PRESETS[args.dataset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -174,27 +322,85 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         cores = len(os.sched_getaffinity(0))
         per_proc = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         args.workers = max(0, min(8, per_proc - 1))
+    check_numeric_args(args)
     if args.convert and args.norm != "syncsn":
         raise SystemExit(
             f"--convert builds a SyncSN network; it needs --norm syncsn, got {args.norm}"
         )
+    check_batch(args, world_size=None)  # main() checks again once the world size is known
     if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
         raise SystemExit(f"--resume {args.resume!r}: no such checkpoint file")
     return args
 
 
 # --------------------------------------------------------------------------------------
-# Model, optimizer
+# Data, model, optimizer
 # --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    """What build_data returns: the datasets, the training sampler and both loaders."""
+
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset
+    num_classes: int
+    train_sampler: ResumableSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    steps_per_epoch: int
+
+
+def build_data(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> Data:
+    """Datasets, samplers and loaders; every rank trains on its own shard of each epoch."""
+    common = dict(data_path=args.data_path, image_size=args.image_size, seed=args.seed)
+    train_set, num_classes = build_dataset(
+        args.dataset, "train", num_samples=args.num_train, **common
+    )
+    val_set, _ = build_dataset(args.dataset, "val", num_samples=args.num_val, **common)
+    train_sampler = ResumableSampler(
+        DistributedSampler(
+            train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
+        ),
+        args.batch_size,
+    )
+    loader_kw = dict(
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_stop_signals,
+    )
+    train_loader = DataLoader(
+        train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True, **loader_kw
+    )
+    # Full-size images of the datasets on disk differ in size: evaluate them one at a time.
+    val_batch = args.batch_size if args.dataset == "synthetic" else 1
+    val_loader = DataLoader(
+        val_set, batch_size=val_batch, sampler=ShardSampler(len(val_set), rank, world), **loader_kw
+    )
+    steps_per_epoch = len(train_set) // world // args.batch_size
+    if steps_per_epoch == 0 and not args.test_only:
+        raise SystemExit(
+            f"{len(train_set)} training images cannot fill one step of {args.batch_size} "
+            f"images on each of {world} processes: raise --num-train or lower --batch-size"
+        )
+    return Data(
+        train_set, val_set, num_classes, train_sampler, train_loader, val_loader, steps_per_epoch
+    )
 
 
 def norm_factory(norm: str) -> Callable[[int], nn.Module]:
     """``--norm`` -> ``f(num_channels) -> nn.Module`` built by syncsn's registry."""
-    name = NORMS[norm]
+    name, kwargs = NORMS[norm]
     if name == "GN":
         # 32 groups as in the GroupNorm paper, fewer where the channels do not divide.
         return lambda c: syncsn.build_norm_layer(name, c, num_groups=math.gcd(32, c))
-    return lambda c: syncsn.build_norm_layer(name, c)
+    return lambda c: syncsn.build_norm_layer(name, c, **kwargs)
+
+
+def norm_description(norm: str) -> str:
+    """``--norm`` as the log shows it: ``SN(using_bn=False)``."""
+    name, kwargs = NORMS[norm]
+    return name + (f"({', '.join(f'{k}={v}' for k, v in kwargs.items())})" if kwargs else "")
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -229,17 +435,57 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and the output directory
 # --------------------------------------------------------------------------------------
 
 
+@dataclass
+class EpochTotals:
+    """Sums over the steps done so far in the current epoch; a mid-epoch checkpoint keeps
+    them (as ``partial``) so that the resumed epoch reports the whole epoch."""
+
+    loss_sum: float = 0.0
+    train_time: float = 0.0
+
+
 def resume_path(args: argparse.Namespace) -> str | None:
+    """The checkpoint to start from: None for a fresh start."""
     if args.resume == "none":
         return None
     if args.resume == "auto":
-        path = os.path.join(args.output_dir, "checkpoint.pth")
-        return path if os.path.isfile(path) else None
+        path = os.path.join(args.output_dir, CHECKPOINT)
+        return path if os.path.exists(path) else None
     return args.resume
+
+
+def load_resume_checkpoint(path: str, args: argparse.Namespace) -> dict:
+    """Loads and verifies ``path``; a damaged or foreign file stops the run with what is
+    wrong and, where the output directory keeps an intact previous checkpoint, how to
+    continue from it."""
+    required = ("model", "args", "epoch", "step") if args.test_only else _TRAINING_STATE
+    try:
+        ckpt = load_checkpoint(path, required)
+    except CheckpointError as e:
+        hint = ""
+        previous = os.path.join(os.path.dirname(path), PREVIOUS_CHECKPOINT)
+        if os.path.basename(path) == CHECKPOINT and os.path.isfile(previous):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    epoch = load_checkpoint(previous, required)["epoch"]
+                hint = (
+                    f" The previous checkpoint {previous} (after epoch {epoch}) is intact: "
+                    f"continue from it with --resume {previous}."
+                )
+            except CheckpointError as prev_error:
+                hint = f" The previous one is no better: {prev_error}."
+        raise SystemExit(
+            f"cannot resume: {e}.{hint} To start over instead, pass --resume none (the run "
+            f"in {args.output_dir} is then moved to {args.output_dir}/set-aside/, not deleted) "
+            "or another --output-dir"
+        ) from None
+    check_compatible(ckpt["args"], args, path)
+    return ckpt
 
 
 def check_compatible(saved: dict, args: argparse.Namespace, path: str) -> None:
@@ -251,8 +497,89 @@ def check_compatible(saved: dict, args: argparse.Namespace, path: str) -> None:
     if diff:
         raise SystemExit(
             f"checkpoint {path} was written with {', '.join(diff)}; pass the same flags, "
-            "another --output-dir, or --resume none"
+            "another --output-dir, or --resume none (which moves the run in --output-dir to "
+            "its set-aside/ folder)"
         )
+
+
+def _continues_run(path: str | None, output_dir: str) -> bool:
+    """Whether ``path`` is one of the checkpoints of the run in ``output_dir``."""
+    return (
+        path is not None
+        and os.path.basename(path) in (CHECKPOINT, PREVIOUS_CHECKPOINT)
+        and os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(output_dir)
+    )
+
+
+def prepare_output_dir(output_dir: str, resumed_from: str | None, start_epoch: int) -> None:
+    """Rank 0, before training: removes the partial files of a killed save and makes room
+    for this run without losing anything an earlier one wrote.
+
+    Continuing the run found there keeps its history up to the checkpoint. Starting over
+    (``--resume none``, no checkpoint, or one from elsewhere) moves its files to
+    ``set-aside/<time>/``; so do the files that continuing from an older checkpoint would
+    replace (the newer checkpoint, metrics of the epochs that will be trained again).
+    """
+    removed = remove_partial_files(output_dir, RUN_FILES)
+    if removed:
+        log(f"removed {len(removed)} partial file(s) of an interrupted save: {', '.join(removed)}")
+    metrics_path = os.path.join(output_dir, METRICS)
+    if _continues_run(resumed_from, output_dir):
+        rows = read_jsonl(metrics_path)
+        history = [r for r in rows if r["epoch"] < start_epoch]
+        aside = [METRICS] if len(history) < len(rows) else []
+        newer = os.path.join(output_dir, CHECKPOINT)
+        if os.path.basename(resumed_from) != CHECKPOINT and os.path.exists(newer):
+            aside.append(CHECKPOINT)
+        if aside:
+            where = move_aside(output_dir, aside)
+            log(f"continuing from {resumed_from}: moved {', '.join(aside)} to {where}")
+        write_jsonl(metrics_path, history)
+        return
+    present = [n for n in RUN_FILES if os.path.exists(os.path.join(output_dir, n))]
+    if present:
+        where = move_aside(output_dir, present)
+        log(
+            f"{output_dir} held an earlier run: moved {', '.join(present)} to {where} "
+            "(nothing deleted); starting over"
+        )
+    write_jsonl(metrics_path, [])
+
+
+def save_checkpoint(
+    path: str,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    radius: syncsn.RadiusSchedule | None,
+    epoch: int,
+    step: int,
+    totals: EpochTotals,
+    args: argparse.Namespace,
+) -> None:
+    """Rank 0 writes the training state with its checksum; the file it replaces is kept
+    as ``checkpoint.pth.prev``.
+
+    epoch: the last completed epoch (-1 for none); step: the steps already done in the
+    next one (0 at an epoch's end).
+    """
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "radius_schedule": radius.state_dict() if radius is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "partial": asdict(totals),
+        "args": vars(args),
+    }
+    previous = os.path.join(os.path.dirname(path), PREVIOUS_CHECKPOINT)
+    atomic_save(with_integrity(state), path, previous=previous)
 
 
 # --------------------------------------------------------------------------------------
@@ -279,6 +606,73 @@ def global_step_stats(loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
     return float(buf[0]) / world, bool(buf[1] > 0)
 
 
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """fp16 on CUDA (with GradScaler), bfloat16 on CPU (no scaler needed)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    radius: syncsn.RadiusSchedule | None,
+    data: Data,
+    device: torch.device,
+    epoch: int,
+    args: argparse.Namespace,
+    stop: StopRequest,
+    first_step: int = 0,
+    totals: EpochTotals | None = None,
+) -> tuple[int, bool, EpochTotals]:
+    """Trains ``epoch`` from step ``first_step`` (a resumed epoch skips the batches done).
+
+    Returns (steps done in the epoch, whether the ranks stopped early on a signal, the
+    epoch's totals including those of ``totals``, the steps before ``first_step``).
+    """
+    model.train()
+    data.train_sampler.set_epoch(epoch, skip_batches=first_step)
+    totals = EpochTotals(**asdict(totals)) if totals is not None else EpochTotals()
+    progress = Progress(
+        f"epoch {epoch}/{args.epochs - 1}",
+        data.steps_per_epoch,
+        first_step,
+        (args.epochs - 1 - epoch) * data.steps_per_epoch,
+        args.print_freq,
+        not dist.is_initialized() or dist.get_rank() == 0,
+    )
+    t0 = time.perf_counter()
+    step, stopped = first_step, False
+    for image, target in data.train_loader:
+        image = image.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if args.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            loss = segmentation_loss(model(image), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
+        if radius is not None:
+            radius.step()
+        step += 1
+        mean_loss, stopped = global_step_stats(loss, stop.requested)
+        if not math.isfinite(mean_loss) and not scaler.is_enabled():
+            raise FloatingPointError(
+                f"non-finite training loss at epoch {epoch}, step {step}: lower --lr"
+            )
+        totals.loss_sum += mean_loss
+        progress.update(loss=mean_loss, lr=optimizer.param_groups[0]["lr"])
+        if stopped:
+            break
+    progress.close()
+    totals.train_time += time.perf_counter() - t0
+    return step, stopped, totals
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -302,79 +696,45 @@ def evaluate(
     return confusion.compute()
 
 
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """fp16 on CUDA (with GradScaler), bfloat16 on CPU (no scaler needed)."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+def record_epoch(output_dir: str, row: dict, model: nn.Module, draw: bool) -> None:
+    """Rank 0: appends the epoch's row to metrics.jsonl (rewritten whole, so that a crash
+    never leaves half a line) and writes the curves and the switch weights."""
+    metrics_path = os.path.join(output_dir, METRICS)
+    rows = [*read_jsonl(metrics_path), row]
+    write_jsonl(metrics_path, rows)
+    if draw:
+        plot_curves(rows, os.path.join(output_dir, "curves.png"))
+    weights = syncsn.switch_weights(model)
+    if weights:
+        with open(os.path.join(output_dir, "switch_weights.txt"), "w") as f:
+            f.write(syncsn.format_switch_weights(weights) + "\n")
+        if draw:
+            plot_switch_weights(weights, os.path.join(output_dir, "switch_weights.png"))
 
 
 def main(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     info = init_distributed(backend=args.dist_backend, timeout=timedelta(seconds=args.dist_timeout))
     device, rank, world = info.device, info.rank, info.world_size
+    check_batch(args, world)
+    draw = check_dependencies(args)
     stop = StopRequest()
 
-    def log(*msg: object) -> None:
-        if info.is_main:
-            print(*msg, flush=True)
-
     os.makedirs(args.output_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    ckpt_path = os.path.join(args.output_dir, CHECKPOINT)
     log(f"syncsn segmentation: {world} process(es), device {device}, args {vars(args)}")
 
-    # ---- data
-    train_set, num_classes = build_dataset(
-        args.dataset,
-        "train",
-        data_path=args.data_path,
-        image_size=args.image_size,
-        num_samples=args.num_train,
-        seed=args.seed,
-    )
-    val_set, _ = build_dataset(
-        args.dataset,
-        "val",
-        data_path=args.data_path,
-        image_size=args.image_size,
-        num_samples=args.num_val,
-        seed=args.seed,
-    )
-    train_sampler = ResumableSampler(
-        DistributedSampler(
-            train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
-        ),
-        args.batch_size,
-    )
-    loader_kw = dict(
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=ignore_stop_signals,
-    )
-    train_loader = DataLoader(
-        train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True, **loader_kw
-    )
-    # Full-size images of the datasets on disk differ in size: evaluate them one at a time.
-    val_batch = args.batch_size if args.dataset == "synthetic" else 1
-    val_loader = DataLoader(
-        val_set, batch_size=val_batch, sampler=ShardSampler(len(val_set), rank, world), **loader_kw
-    )
-    steps_per_epoch = len(train_set) // world // args.batch_size
-    if steps_per_epoch == 0 and not args.test_only:
-        raise SystemExit(
-            f"{len(train_set)} training images cannot fill one step of {args.batch_size} "
-            f"images on each of {world} processes: raise --num-train or lower --batch-size"
-        )
+    data = build_data(args, rank, world, device)
+    steps_per_epoch = data.steps_per_epoch
 
-    # ---- model, optimization
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP broadcasts anyway)
-    model = build_model(args, num_classes).to(device)
+    model = build_model(args, data.num_classes).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, args)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = min(total_steps, round(args.lr_warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, args.lr_warmup_decay)
     )
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
@@ -382,38 +742,34 @@ def main(args: argparse.Namespace) -> int:
     log(
         f"model: DeepLabV3-{args.backbone} (width {args.base_width}, output stride "
         f"{args.output_stride}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters, norm {'BN->SyncSN' if args.convert else NORMS[args.norm]}, "
-        f"{num_classes} classes; {len(train_set)} train / {len(val_set)} val images, "
-        f"{steps_per_epoch} steps per epoch of {args.batch_size}x{world} images"
+        f"parameters, norm {'BN->SyncSN' if args.convert else norm_description(args.norm)}, "
+        f"{data.num_classes} classes; {len(data.train_set)} train / {len(data.val_set)} val "
+        f"images, {steps_per_epoch} steps per epoch of {args.batch_size}x{world} images"
     )
 
     # ---- resume
-    start_epoch, start_step = 0, 0
-    partial = {"loss_sum": 0.0, "train_time": 0.0}
+    start_epoch, start_step, totals = 0, 0, EpochTotals()
     path = resume_path(args)
     if args.test_only and path is None:
         raise SystemExit(
             f"--test-only needs a checkpoint: none at {ckpt_path}, or pass --resume PATH"
         )
     if path is not None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        check_compatible(ckpt["args"], args, path)
+        ckpt = load_resume_checkpoint(path, args)
         model.load_state_dict(ckpt["model"])
         if not args.test_only:
             optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["lr_scheduler"])
+            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
             if radius is not None and ckpt.get("radius_schedule") is not None:
                 # Like the learning rate, the radius follows the current --epochs.
                 radius.load_state_dict({**ckpt["radius_schedule"], "total_steps": total_steps})
         start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
-        partial = ckpt.get("partial", partial)
+        totals = EpochTotals(**ckpt.get("partial") or {})
         where = f"epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
         log(f"resumed from {path}: continuing at {where}")
     if info.is_main and not args.test_only:
-        # Keep the history up to the checkpoint, drop epochs that were lost with a crash.
-        history = [r for r in read_jsonl(metrics_path) if r["epoch"] < start_epoch]
-        write_jsonl(metrics_path, history if path is not None else [])
+        prepare_output_dir(args.output_dir, path, start_epoch)
 
     model_without_ddp = model
     if dist.is_initialized():
@@ -427,7 +783,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.test_only:
         sync_buffers(model_without_ddp)
-        result = evaluate(model_without_ddp, val_loader, num_classes, device, args)
+        result = evaluate(model_without_ddp, data.val_loader, data.num_classes, device, args)
         log(
             f"test: mIoU {result['miou']:.4f} pixel acc {result['pixel_acc']:.4f} "
             f"over {result['num_images']} images"
@@ -439,109 +795,63 @@ def main(args: argparse.Namespace) -> int:
     if start_epoch >= args.epochs:
         log(
             f"{path} already covers {start_epoch} epoch(s) of --epochs {args.epochs}: nothing to "
-            "train (raise --epochs, or use --resume none / another --output-dir to start over)"
+            "train (raise --epochs; or start over with another --output-dir, or with --resume "
+            "none, which moves this run to its set-aside/ folder)"
         )
         return 0
 
     # Different augmentation on each rank, reproducible per (seed, rank, epoch).
     torch.manual_seed(args.seed + 1000 * rank + start_epoch)
-
-    def save_checkpoint(epoch_done: int, step: int, partial: dict) -> None:
-        if info.is_main:
-            atomic_save(
-                {
-                    "model": model_without_ddp.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "radius_schedule": radius.state_dict() if radius is not None else None,
-                    "epoch": epoch_done,  # last completed epoch, -1 for none
-                    "step": step,  # steps already done in epoch_done + 1
-                    "partial": partial,
-                    "args": vars(args),
-                },
-                ckpt_path,
-            )
-
+    training = dict(
+        model=model_without_ddp,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        scaler=scaler,
+        radius=radius,
+        args=args,
+    )
     for epoch in range(start_epoch, args.epochs):
-        # ---- train one epoch
-        model.train()
-        skip = start_step if epoch == start_epoch else 0
-        train_sampler.set_epoch(epoch, skip_batches=skip)
-        if skip == 0:
-            partial = {"loss_sum": 0.0, "train_time": 0.0}
-        progress = Progress(
-            f"epoch {epoch}/{args.epochs - 1}",
-            steps_per_epoch,
-            skip,
-            (args.epochs - 1 - epoch) * steps_per_epoch,
-            args.print_freq,
-            info.is_main,
+        first_step = start_step if epoch == start_epoch else 0
+        step, stopped, totals = train_one_epoch(
+            model,
+            optimizer,
+            lr_scheduler,
+            scaler,
+            radius,
+            data,
+            device,
+            epoch,
+            args,
+            stop,
+            first_step,
+            totals if first_step else None,
         )
-        t0 = time.perf_counter()
-        step = skip
-        stopped = False
-        for image, target in train_loader:
-            image = image.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            if args.channels_last:
-                image = image.contiguous(memory_format=torch.channels_last)
-            with autocast(device, args.amp):
-                loss = segmentation_loss(model(image), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if radius is not None:
-                radius.step()
-            step += 1
-            mean_loss, stopped = global_step_stats(loss, stop.requested)
-            if not math.isfinite(mean_loss) and not scaler.is_enabled():
-                raise FloatingPointError(
-                    f"non-finite training loss at epoch {epoch}, step {step}: lower --lr"
-                )
-            partial["loss_sum"] += mean_loss
-            progress.update(loss=mean_loss, lr=optimizer.param_groups[0]["lr"])
-            if stopped:
-                break
-        progress.close()
-        partial["train_time"] += time.perf_counter() - t0
-
         if stopped:
-            save_checkpoint(epoch - 1, step, partial)
+            save_checkpoint(ckpt_path, epoch=epoch - 1, step=step, totals=totals, **training)
             if dist.is_initialized():
                 dist.barrier()  # nobody exits before the checkpoint is on disk
             log(f"stopped at epoch {epoch}, step {step}: checkpoint written to {ckpt_path}")
             return 128 + (stop.signum or 15)
 
-        # ---- evaluate, record, checkpoint
         sync_buffers(model_without_ddp)
         t_eval = time.perf_counter()
-        result = evaluate(model_without_ddp, val_loader, num_classes, device, args)
+        result = evaluate(model_without_ddp, data.val_loader, data.num_classes, device, args)
         eval_time = time.perf_counter() - t_eval
         row = {
             "epoch": epoch,
-            "train_loss": partial["loss_sum"] / steps_per_epoch,
+            "train_loss": totals.loss_sum / steps_per_epoch,
             "miou": result["miou"],
             "pixel_acc": result["pixel_acc"],
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_sec": steps_per_epoch * args.batch_size * world / partial["train_time"],
+            "images_per_sec": steps_per_epoch * args.batch_size * world / totals.train_time,
             "iou": result["iou"],
             "val_images": result["num_images"],
             "val_pixels": result["num_pixels"],
-            "epoch_time": partial["train_time"] + eval_time,
+            "epoch_time": totals.train_time + eval_time,
         }
         if info.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            plot_curves(read_jsonl(metrics_path), os.path.join(args.output_dir, "curves.png"))
-            weights = syncsn.switch_weights(model_without_ddp)
-            if weights:
-                with open(os.path.join(args.output_dir, "switch_weights.txt"), "w") as f:
-                    f.write(syncsn.format_switch_weights(weights) + "\n")
-                plot_switch_weights(weights, os.path.join(args.output_dir, "switch_weights.png"))
-        save_checkpoint(epoch, 0, {"loss_sum": 0.0, "train_time": 0.0})
+            record_epoch(args.output_dir, row, model_without_ddp, draw)
+        save_checkpoint(ckpt_path, epoch=epoch, step=0, totals=EpochTotals(), **training)
         log(
             f"epoch {epoch}: train loss {row['train_loss']:.4f}  val mIoU {row['miou']:.4f}  "
             f"pixel acc {row['pixel_acc']:.4f}  lr {row['lr']:.2e}  "

@@ -1,14 +1,18 @@
 """Tooling for the segmentation example: learning-rate schedule, resumable sampling,
-atomic checkpoints, preemption signals, the progress display and the plots."""
+atomic and checksummed checkpoints, preemption signals, the progress display and the plots."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
+import shutil
 import signal
+import struct
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -55,39 +59,215 @@ class ResumableSampler(Sampler[int]):
 # --------------------------------------------------------------------------------------
 
 
-def atomic_save(obj: Any, path: str) -> None:
+def atomic_save(obj: Any, path: str, previous: str | None = None) -> None:
     """torch.save to a temporary file in the same directory, fsync, then os.replace: a
-    crash at any point leaves either the previous file or the new one, never a torn one."""
+    crash at any point leaves either the previous file or the new one, never a torn one.
+
+    previous: where to keep the file that ``path`` held until now (a hard link, or a copy
+    where the filesystem has none), so that one damaged checkpoint never leaves a run with
+    nothing to resume from. ``path`` exists, old or new, at every moment.
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and os.path.exists(path):
+            _replace_with_link(path, previous)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _replace_with_link(src: str, dst: str) -> None:
+    """Makes ``dst`` a second name of ``src``'s contents, replacing ``dst`` atomically."""
+    tmp = f"{dst}.tmp.{os.getpid()}"
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (some network or FAT filesystems)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _fsync_dir(directory: str) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the renames themselves durable
     finally:
         os.close(dir_fd)
 
 
+def remove_partial_files(directory: str, names: Sequence[str]) -> list[str]:
+    """Deletes the ``<name>.tmp.<pid>`` files that a killed :func:`atomic_save` or
+    :func:`write_jsonl` left behind (they are never complete); returns their names."""
+    if not os.path.isdir(directory):
+        return []
+    prefixes = tuple(f"{name}.tmp." for name in names)
+    removed = sorted(e for e in os.listdir(directory) if e.startswith(prefixes))
+    for entry in removed:
+        os.remove(os.path.join(directory, entry))
+    return removed
+
+
+def move_aside(directory: str, names: Sequence[str]) -> str:
+    """Moves the files ``names`` of ``directory`` into a new folder
+    ``<directory>/set-aside/<YYYYmmdd-HHMMSS>[-N]`` and returns that folder's path."""
+    base = os.path.join(directory, "set-aside", time.strftime("%Y%m%d-%H%M%S"))
+    dest, n = base, 1
+    while os.path.exists(dest):
+        dest, n = f"{base}-{n}", n + 1
+    os.makedirs(dest)
+    for name in names:
+        os.replace(os.path.join(directory, name), os.path.join(dest, name))
+    _fsync_dir(directory)
+    return dest
+
+
 def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file; [] when it does not exist."""
     if not os.path.isfile(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: not a JSON object ({e})") from None
+    return rows
 
 
 def write_jsonl(path: str, rows: Sequence[Mapping]) -> None:
+    """Writes ``rows`` as JSON lines through a temporary file and os.replace."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint integrity
+# --------------------------------------------------------------------------------------
+
+#: Key of the integrity record in a checkpoint dictionary.
+INTEGRITY_KEY = "integrity"
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used: missing, empty, unreadable, damaged or not a
+    checkpoint of this example. ``str()`` names the file and what is wrong with it."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"checkpoint {path} {problem}")
+        self.path, self.problem = path, problem
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Hashes ``obj`` with its type and structure, so that equal digests mean equal contents
+    (a 1 and a 1.0, or a list and a tuple, differ)."""
+    if obj is None:
+        h.update(b"N")
+    elif isinstance(obj, bool):
+        h.update(b"T" if obj else b"F")
+    elif isinstance(obj, int):
+        h.update(b"i%d;" % obj)
+    elif isinstance(obj, float):
+        h.update(b"f" + struct.pack("<d", obj))
+    elif isinstance(obj, str):
+        data = obj.encode("utf-8", "surrogatepass")
+        h.update(b"s%d;" % len(data) + data)
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        meta = f"{t.dtype}{tuple(t.shape)}".encode()
+        h.update(b"t%d;" % len(meta) + meta)
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"%s%d;" % (b"l" if isinstance(obj, list) else b"u", len(obj)))
+        for item in obj:
+            _feed(h, item)
+    elif isinstance(obj, Mapping):
+        h.update(b"d%d;" % len(obj))
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    else:
+        raise TypeError(f"cannot checksum a {type(obj).__name__} in a checkpoint")
+
+
+def content_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's contents (every tensor's bytes, dtype and shape, every
+    number and string), leaving out the integrity record itself.
+
+    It is computed on the objects, not on the file: a checkpoint loads with a plain
+    ``torch.load`` as before, and any change to what the training would read changes it.
+    """
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != INTEGRITY_KEY})
+    return h.hexdigest()
+
+
+def with_integrity(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` plus its integrity record, ready for :func:`atomic_save`."""
+    return {**state, INTEGRITY_KEY: {"sha256": content_digest(state)}}
+
+
+def load_checkpoint(path: str, required: Sequence[str] = ()) -> dict[str, Any]:
+    """Loads a checkpoint written with :func:`with_integrity` onto the CPU and checks it.
+
+    Raises CheckpointError, naming the file, when it is missing, empty, unreadable (torn or
+    random bytes), not a dictionary, lacks one of the ``required`` entries, or when its
+    contents differ from its checksum. A checkpoint without an integrity record (an older
+    version of this example wrote none) loads with a warning.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(path, "does not exist")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(path, "is empty (0 bytes)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for torn or foreign files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            path, f"cannot be read ({size} bytes; torch.load: {reason}): truncated or damaged"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"holds a {type(state).__name__}, not a checkpoint dictionary")
+    record = state.get(INTEGRITY_KEY)
+    if record is None:
+        warnings.warn(
+            f"checkpoint {path} has no integrity record (written by an older version of this "
+            "example): its contents cannot be verified",
+            stacklevel=2,
+        )
+    else:
+        expected = record.get("sha256") if isinstance(record, Mapping) else None
+        actual = content_digest(state)
+        if expected != actual:
+            raise CheckpointError(
+                path,
+                f"is damaged: its contents do not match the checksum written with it (sha256 "
+                f"{str(expected)[:16]}..., contents {actual[:16]}...); the file changed after "
+                "it was written",
+            )
+    missing = [key for key in required if key not in state]
+    if missing:
+        listed = ", ".join(map(repr, missing))
+        raise CheckpointError(path, f"lacks {listed}: not a training checkpoint of this example")
+    return state
 
 
 # --------------------------------------------------------------------------------------
@@ -163,9 +343,12 @@ class Progress:
         self.t0, self.start = time.perf_counter(), start
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+            try:
+                from tqdm import tqdm
+            except ImportError:  # optional (the examples extra): log lines instead
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
 
     def update(self, **values: float) -> None:
         self.done += 1

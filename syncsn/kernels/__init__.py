@@ -1,0 +1,101 @@
+"""Kernel backends of the normalization layers and how one is chosen.
+
+``SYNCSN_BACKEND`` selects the backend that runs the full-size passes:
+
+* ``auto`` (default): the fastest available for the tensor's device: ``cpp`` on CPU,
+  ``triton`` on CUDA, else ``torch``;
+* ``torch``: the reference backend (plain torch operations, any device);
+* ``cpp``: the fused C++ CPU kernels;
+* ``triton``: the Triton kernels, on CUDA tensors, or on CPU tensors under Triton's
+  interpreter (``TRITON_INTERPRET=1``).
+
+``SYNCSN_NATIVE=0`` (older name) means ``torch``. A backend that does not cover a call (a
+layout it has no kernel for, an empty batch) hands that call to the reference backend.
+
+The merge of the gathered statistics and the running-statistics update decide what every
+rank must agree on bitwise, so they are not chosen per call but per device type
+(:func:`shared_backend`): ranks on the same device type compute them alike whatever backend
+runs their passes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from torch import Tensor
+
+from .interface import Backend
+from .reference import ReferenceBackend
+
+__all__ = ["Backend", "NAMES", "get", "requested", "passes_backend", "shared_backend"]
+
+
+def _cpp() -> Backend:
+    from .cpp import CppBackend
+
+    return CppBackend()
+
+
+def _triton() -> Backend:
+    from .triton import TritonBackend
+
+    return TritonBackend()
+
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {
+    "torch": ReferenceBackend,
+    "cpp": _cpp,
+    "triton": _triton,
+}
+NAMES = ("auto", *_FACTORIES)
+_AUTO = {"cpu": ("cpp",), "cuda": ("triton",)}
+_instances: dict[str, Backend] = {}
+
+REFERENCE = ReferenceBackend()
+_instances["torch"] = REFERENCE
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name`` (created on first use)."""
+    backend = _instances.get(name)
+    if backend is None:
+        backend = _instances[name] = _FACTORIES[name]()
+    return backend
+
+
+def requested() -> str:
+    """The backend asked for by the environment: ``SYNCSN_BACKEND``, else ``SYNCSN_NATIVE``."""
+    name = os.environ.get("SYNCSN_BACKEND", "").strip().lower()
+    if not name:
+        return "torch" if os.environ.get("SYNCSN_NATIVE", "1").strip() == "0" else "auto"
+    if name not in NAMES:
+        raise ValueError(f"SYNCSN_BACKEND must be one of {', '.join(NAMES)}, got {name!r}")
+    return name
+
+
+def passes_backend(x: Tensor, *params: Tensor | None) -> Backend:
+    """The backend that runs the full-size passes over ``x`` with these parameters."""
+    name = requested()
+    if name == "auto":
+        for candidate in _AUTO.get(x.device.type, ()):
+            backend = get(candidate)
+            if backend.available() and backend.covers(x, *params):
+                return backend
+        return REFERENCE
+    backend = get(name)
+    if not backend.available():
+        raise RuntimeError(
+            f"SYNCSN_BACKEND={name}: the {name} backend is not available in this process "
+            f"({backend.unavailable_reason()}); use SYNCSN_BACKEND=auto or torch"
+        )
+    return backend if backend.covers(x, *params) else REFERENCE
+
+
+def shared_backend(device_type: str) -> Backend:
+    """The backend of the steps every rank must compute alike, for this device type."""
+    if device_type == "cuda":
+        backend = get("triton")
+        if backend.available():
+            return backend
+    return REFERENCE
