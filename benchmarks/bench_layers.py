@@ -5,15 +5,18 @@ layer in training mode on its own (N, C, H, W) input and reports, per layer:
 
 - median forward, backward and forward+backward time after warm-up (the slowest rank of
   each step counts), and its ratio to the anchor measured in the same run: torch's
-  BatchNorm2d on CPU, torch.nn.SyncBatchNorm on CUDA. The layers are interleaved in rounds
+  BatchNorm2d (cuDNN's kernels on CUDA). The layers are interleaved in rounds
   (order rotated every round) so that noise from the machine hits all of them alike;
 - bytes autograd saves for backward (each storage once), relative to the input's bytes;
 - collectives per forward and per backward, from the profiler's ``gloo:``/``nccl:`` events,
   and the bytes of their result buffers on one rank;
-- on CUDA, the achieved memory bandwidth as a fraction of a device-to-device copy measured
-  in the same run, taking a forward+backward to move 8 input-sized tensors (forward: read x
-  for the statistics, read x and write y; backward: read x and dy for the reductions, read
-  x and dy and write dx).
+- on CUDA, the achieved memory bandwidth as a fraction of a large device-to-device copy
+  measured in the same run, taking a forward+backward to move 8 input-sized tensors
+  (forward: read x for the statistics, read x and write y; backward: read x and dy for the
+  reductions, read x and dy and write dx);
+- on CUDA, the kernels one training call launches (forward / backward, the profiler's CUDA
+  kernel events), and the forward+backward time of the call captured in a CUDA graph and
+  replayed: the device's time without the host's launch overhead (``--no-graphs`` skips it).
 
 The world is started once, with as many ranks as the largest world size; smaller world
 sizes use the first ranks (one thread each). ``--profile`` prints torch.profiler op tables
@@ -115,7 +118,7 @@ class _CommOnlyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, group, channels: int) -> Tensor:
-        comm.all_gather_stacked(x.new_zeros(1 + 3 * channels, dtype=torch.float64), group)
+        comm.all_gather_stacked(x.new_zeros(1 + 2 * channels, dtype=torch.float64), group)
         ctx.group, ctx.channels = group, channels
         return x.view_as(x)
 
@@ -126,7 +129,7 @@ class _CommOnlyFunction(torch.autograd.Function):
 
 
 class CommOnly(nn.Module):
-    """The synchronization floor: one all_gather of 1 + 3C and one all_reduce of 2C float64
+    """The synchronization floor: one all_gather of 1 + 2C and one all_reduce of 2C float64
     values (SyncSwitchNorm2d's collectives) and no math. Its time is what the collectives
     alone cost on this machine, in the same run as the layers."""
 
@@ -153,6 +156,12 @@ def _sparse(num_features: int, group) -> nn.Module:
     return SyncSparseSwitchNorm2d(num_features, process_group=group)
 
 
+def _sparse_local(num_features: int, group) -> nn.Module:
+    from syncsn.sparse_switchnorm import SparseSwitchNorm2d
+
+    return SparseSwitchNorm2d(num_features)
+
+
 def _torch_sync_bn(num_features: int, group) -> nn.Module:
     return nn.SyncBatchNorm(num_features, process_group=group)
 
@@ -173,13 +182,14 @@ CANDIDATES = [
         "sync_bn", "SyncBatchNorm", lambda c, g: syncsn.SyncBatchNorm(c, process_group=g), True
     ),
     Candidate("sync_ssn", "SyncSparseSwitchNorm2d", _sparse, True),
+    Candidate("ssn", "SparseSwitchNorm2d", _sparse_local),
     Candidate("comm_only", "collectives only (no math)", CommOnly, True),
 ]
 BY_KEY = {c.key: c for c in CANDIDATES}
 
 
 def anchor_key(device: str) -> str:
-    return "torch_sync_bn" if device == "cuda" else "bn"
+    return "bn"
 
 
 def candidates_for(keys: list[str], device: str, world_size: int) -> list[Candidate]:
@@ -196,7 +206,7 @@ def candidates_for(keys: list[str], device: str, world_size: int) -> list[Candid
 
 
 def skip_reason(cand: Candidate) -> str | None:
-    if cand.key == "sync_ssn" and not HAS_SPARSE:
+    if cand.key in ("sync_ssn", "ssn") and not HAS_SPARSE:
         return "not available: syncsn.sparse_switchnorm is not part of this installation"
     return None
 
@@ -225,6 +235,73 @@ def _build(cand: Candidate, channels: int, group, ctx: Rank, dtype: str) -> nn.M
         # `model.to(dtype)` would. The other layers keep float32 parameters (autocast).
         module = module.to(DTYPES[dtype])
     return module
+
+
+_COPY_BANDWIDTH: dict[str, float] = {}
+
+
+def _device_copy_bandwidth(device: torch.device, repeat: int) -> float:
+    """Bytes per second of a 512 MiB device-to-device copy (read + write), once per run:
+    the memory bandwidth the device reaches in practice."""
+    key = str(device)
+    if key not in _COPY_BANDWIDTH:
+        src = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
+        _COPY_BANDWIDTH[key] = _copy_bandwidth(src, max(repeat, 5))
+        del src
+    return _COPY_BANDWIDTH[key]
+
+
+def _cuda_kernels_per_call(module: nn.Module, x: Tensor, dy: Tensor) -> tuple[int, int]:
+    """Kernels one training forward and one backward launch (memcpy and memset excluded)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(fn) -> int:
+        with common.quiet_profiler():
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+        return sum(
+            1
+            for e in prof.events()
+            if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+        )
+
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    holder = {}
+    fwd = count(lambda: holder.update(y=module(x)))
+    bwd = count(lambda: holder["y"].backward(dy))
+    return fwd, bwd
+
+
+def _graphed_seconds(module: nn.Module, x: Tensor, dy: Tensor, repeat: int) -> float:
+    """Median time of one forward+backward captured in a CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            module(x).backward(dy)
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        module(x).backward(dy)
+    graph.replay()
+    times = []
+    for _ in range(repeat):
+        clock = common.PhaseClock(x.device)
+        clock.mark()
+        graph.replay()
+        clock.mark()
+        times.append(clock.durations()[0])
+    del graph
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    return median(times)
 
 
 def _copy_bandwidth(x: Tensor, repeat: int) -> float:
@@ -273,7 +350,8 @@ def bench_config(ctx: Rank, ws: int, shape, dtype: str, layout: str, opts) -> li
     table = torch.tensor([timings[k] for k in keys], dtype=torch.float64, device=ctx.device)
     table = max_over_group(table, group).cpu()
 
-    copy_bw = _copy_bandwidth(x, opts.repeat) if ctx.device.type == "cuda" else None
+    on_cuda = ctx.device.type == "cuda"
+    copy_bw = _device_copy_bandwidth(ctx.device, opts.repeat) if on_cuda else None
     anchor = anchor_key(opts.device)
     anchor_total = table[keys.index(anchor), :, 2]
     input_bytes = x.untyped_storage().nbytes()
@@ -322,7 +400,20 @@ def bench_config(ctx: Rank, ws: int, shape, dtype: str, layout: str, opts) -> li
         if copy_bw is not None:
             rec["copy_bandwidth"] = copy_bw
             rec["bandwidth_fraction"] = 8 * input_bytes / total / copy_bw
+        if on_cuda:
+            rec["kernels_fwd"], rec["kernels_bwd"] = _cuda_kernels_per_call(module, x, dy)
+            if opts.graphs:
+                try:
+                    rec["graph_s"] = _graphed_seconds(module, x, dy, opts.repeat)
+                    rec["graph_bandwidth_fraction"] = 8 * input_bytes / rec["graph_s"] / copy_bw
+                except Exception as error:  # noqa: BLE001 - reported in the table
+                    rec["graph_error"] = f"{type(error).__name__}: {error}"[:200]
         records.append(rec)
+    if on_cuda and opts.graphs:
+        anchor_rec = next((r for r in records if r["layer"] == anchor and "graph_s" in r), None)
+        for rec in records:
+            if anchor_rec is not None and "graph_s" in rec:
+                rec["graph_ratio"] = rec["graph_s"] / anchor_rec["graph_s"]
     return records
 
 
@@ -506,7 +597,13 @@ def markdown_report(records: list[dict], meta: dict) -> str:
             "comm bytes fwd / bwd",
         ]
         if device == "cuda":
-            headers.append("of copy bandwidth")
+            headers += [
+                "of copy bandwidth",
+                "kernels fwd / bwd",
+                "graphed fwd+bwd ms",
+                f"graphed x {BY_KEY[anchor_key(device)].key}",
+                "graphed of copy bandwidth",
+            ]
         rows = []
         for r in recs:
             row = [_shape_str(r["shape"]), r["label"]]
@@ -524,7 +621,15 @@ def markdown_report(records: list[dict], meta: dict) -> str:
                     f"{fmt_bytes(r['comm_bytes_fwd'])} / {fmt_bytes(r['comm_bytes_bwd'])}",
                 ]
                 if device == "cuda":
-                    row.append(f"{r['bandwidth_fraction']:.2f}")
+                    row += [
+                        f"{r['bandwidth_fraction']:.2f}",
+                        f"{r.get('kernels_fwd', '-')} / {r.get('kernels_bwd', '-')}",
+                        _graph_cell(r),
+                        f"{r['graph_ratio']:.2f}" if "graph_ratio" in r else "-",
+                        f"{r['graph_bandwidth_fraction']:.2f}" if "graph_s" in r else "-",
+                    ]
+                    if "graph_error" in r:
+                        skipped[f"{r['label']} (CUDA graph)"] = r["graph_error"]
             rows.append(row)
         lines += [f"World size {ws}, {dtype}, {layout}:", ""]
         lines += [markdown_table(headers, rows), ""]
@@ -536,6 +641,12 @@ def markdown_report(records: list[dict], meta: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _graph_cell(r: dict) -> str:
+    if "graph_s" in r:
+        return fmt_ms(r["graph_s"])
+    return "failed" if "graph_error" in r else "-"
 
 
 def _ratio_cell(r: dict) -> str:
@@ -586,16 +697,22 @@ def _targets_section(records: list[dict], device: str) -> list[str]:
             f"world size {k['world_size']}, {_shape_str(k['shape'])}, {k['dtype']}, {k['layout']}"
         )
     else:
-        scope = "SyncSwitchNorm2d vs torch.nn.SyncBatchNorm, float16/bfloat16, channels_last"
+        scope = "fwd+bwd / torch BatchNorm2d (eager; graphed in brackets), world 1"
+        goals = {"sn": 1.2, "sync_sn": 1.2, "sync_bn": 1.1, "ssn": 1.3, "sync_ssn": 1.3}
         for r in records:
-            if (
-                r["layer"] == "sync_sn"
-                and "skipped" not in r
-                and r["dtype"] in ("float16", "bfloat16")
-                and r["layout"] == "channels_last"
-            ):
-                name = f"world {r['world_size']} {_shape_str(r['shape'])} {r['dtype']}"
-                rows.append(_target_row(name, r["ratio"], 1.2))
+            if r["layer"] not in goals or "skipped" in r or r["world_size"] != 1:
+                continue
+            name = f"{r['label']} {_shape_str(r['shape'])} {r['dtype']} {r['layout']}"
+            row = _target_row(name, r["ratio"], goals[r["layer"]])
+            if "graph_ratio" in r:
+                row[1] += f" ({r['graph_ratio']:.2f})"
+            rows.append(row)
+        for r in records:
+            large = math.prod(r["shape"]) >= 10_000_000
+            if r["layer"] in goals and "skipped" not in r and large and r["world_size"] == 1:
+                name = f"{r['label']} {_shape_str(r['shape'])} {r['dtype']} {r['layout']} bandwidth"
+                best = max(r["bandwidth_fraction"], r.get("graph_bandwidth_fraction", 0.0))
+                rows.append([name, f"{best:.2f}", ">= 0.6", "met" if best >= 0.6 else "MISSED"])
     if not rows:
         return []
     return [
@@ -654,6 +771,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="print torch.profiler op tables per layer instead of timing",
     )
     p.add_argument("--profile-rows", type=int, default=15)
+    p.add_argument(
+        "--no-graphs",
+        dest="graphs",
+        action="store_false",
+        help="on CUDA, skip the CUDA-graph timing of each layer",
+    )
     p.add_argument("--json", default=None, help="write the records here")
     p.add_argument("--markdown", default=None, help="write RESULTS.md-ready tables here")
     opts = p.parse_args(argv)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -69,7 +68,7 @@ def _target() -> tuple[str, list[str]]:
         arch, flags = "generic", ["-Wno-psabi"]
     flags = [*BASE_FLAGS, *flags]
     digest = hashlib.sha1(f"{torch.__version__} {sys.version} {flags}".encode()).hexdigest()
-    return f"syncsn_native_{arch}_{digest[:8]}", flags
+    return f"syncsn_cpu_{arch}_{digest[:8]}", flags
 
 
 def compiler() -> str | None:
@@ -78,12 +77,12 @@ def compiler() -> str | None:
 
 
 def _import_library(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Load the built library: it registers its operators as ``torch.ops.syncsn_cpp``."""
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as error:
+        raise ImportError(f"cannot load {path}: {error}") from error
+    return torch.ops.syncsn_cpp
 
 
 def _say(message: str) -> None:
@@ -257,7 +256,7 @@ class Loader:
         )
         try:
             with _Ticker("compiling the native CPU kernels") as ticker, _ninja_on_path():
-                module = load(
+                load(
                     name=self.name,
                     sources=[str(p) for p in self.sources],
                     extra_cflags=self.cflags,
@@ -265,6 +264,7 @@ class Loader:
                     extra_include_paths=[str(SOURCE_DIR)],
                     build_directory=str(directory),
                     verbose=False,
+                    is_python_module=False,
                 )
         except Exception as error:
             log = str(error)
@@ -276,7 +276,7 @@ class Loader:
             ) from error
         marker.unlink(missing_ok=True)
         _say(f"native CPU kernels built in {ticker.elapsed:.0f} s")
-        return module
+        return _import_library(self.name, directory / f"{self.name}.so")
 
 
 def _read_marker(path: Path) -> dict | None:

@@ -210,7 +210,7 @@ _channels: dict[str, _Channel] = {}
 def _channel(group: dist.ProcessGroup | str | None) -> _Channel:
     if isinstance(group, str):  # a name, as the collective ops take it
         group = _resolve(group)
-    pg = group if group is not None else dist.group.WORLD
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
     base = dist.distributed_c10d._get_default_store()
     chan = _channels.get(pg.group_name)
     # A new default store means a new process group with a reused name: start afresh.
@@ -458,7 +458,7 @@ def group_name(group: dist.ProcessGroup | None) -> str:
 
 
 def _resolve(name: str) -> dist.ProcessGroup:
-    return dist.distributed_c10d._resolve_process_group(name)
+    return dist.distributed_c10d._resolve_process_group(name)  # type: ignore[arg-type]
 
 
 @torch.library.custom_op("syncsn::all_gather", mutates_args=())

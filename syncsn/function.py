@@ -106,7 +106,7 @@ class SwitchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         x: Tensor,
         w: Tensor,
@@ -140,7 +140,7 @@ class SwitchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor):  # type: ignore[override]
+    def backward(ctx, dy: Tensor):
         x, w, v, weight, *rest = ctx.saved_tensors
         stats, mixed = SNStats(*rest[:5]), SNMixed(*rest[5:8])
         bn_mean, bn_var, count = rest[8:]
@@ -172,7 +172,7 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         x: Tensor,
         weight: Tensor | None,
@@ -194,7 +194,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor):  # type: ignore[override]
+    def backward(ctx, dy: Tensor):
         x, weight, centre, mean, rstd, count = ctx.saved_tensors
         saved = ops.BNSaved(centre, mean, rstd)
         call: LayerCall = ctx.call
@@ -204,7 +204,7 @@ class BatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = ops.bn_backward_input(x, dy, saved, weight, totals, count)
         if weight is None:
-            dweight = dbias = None
+            return (dx, None, None, *([None] * 5))
         return (dx, dweight, dbias, *([None] * 5))
 
 

@@ -90,11 +90,17 @@ class _FrozenReads:
     read both as frozen: the layer is then *settled*. A settled layer builds its one-hot
     weights without sparsestmax and, frozen off BN, skips the batch scope and its
     collectives. Before, the weights come from the buffers on the device, so they are the
-    same either way; the host's knowledge only decides what need not be computed.
+    same either way; the host's knowledge only decides what need not be computed. Under
+    torch.compile the graph is specialized on ``settled`` (a Python value): a layer that
+    settles is recompiled once, at its next call, and until then (also on CPU) computes the
+    batch scope with weight 0.
 
     Only a training step writes the buffers by itself. Whatever else writes them
     (``reset_parameters``, ``load_state_dict``) must make the layer start over with a new
     instance (:meth:`_SparseSwitchMixin._frozen_changed`); so do deep copies and pickles.
+    Writing a settled layer's buffers by hand is not seen (DistributedDataParallel's buffer
+    broadcast writes them too, with the values they have, so writes cannot be told apart
+    without reading the values).
     """
 
     def __init__(self) -> None:
@@ -172,7 +178,13 @@ class _SparseSwitchMixin(_SwitchNorm):
 
     A frozen layer's running statistics are still updated while BN is one of its frozen
     scopes; a layer frozen off BN no longer computes the batch scope, so they stay as
-    they were (they are never used again).
+    they were (they are never used again) from the step at which the host knows of the
+    freezing: at once on CPU, one step later on CUDA and under torch.compile.
+
+    Under ``torch.compile`` a layer's switch to "no BN scope" is a new graph, so a model
+    whose layers freeze off BN at many different steps recompiles at each of them; raise
+    ``torch._dynamo.config.recompile_limit`` for such models (``fullgraph=True`` fails past
+    the limit).
     """
 
     radius: Tensor
@@ -211,10 +223,6 @@ class _SparseSwitchMixin(_SwitchNorm):
         self.register_buffer("radius", torch.zeros((), dtype=self.mean_weight.dtype, device=where))
         for name in ("frozen_mean", "frozen_var"):
             self.register_buffer(name, torch.full((), NOT_FROZEN, dtype=torch.long, device=where))
-        # Host copy of the frozen indices, refreshed when a buffer is replaced or written to
-        # (load_state_dict, .to(), fill_): reading a GPU buffer on every step would stall it.
-        self._frozen_key: tuple | None = None
-        self._frozen_cache = (NOT_FROZEN, NOT_FROZEN)
 
     def _load_from_state_dict(
         self,

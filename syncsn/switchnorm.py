@@ -57,8 +57,10 @@ def grad_anchor(x: Tensor, call: LayerCall) -> Tensor | None:
     The backward collective runs when a layer's backward runs, which autograd decides from
     requires_grad. Tying it to grad mode and training (the same on all ranks) instead of to
     this rank's input keeps ranks whose inputs differ in requires_grad from hanging.
+    (torch.compile cannot create a leaf tensor in a graph: there the output requires grad
+    whenever the layer has parameters or its input requires grad.)
     """
-    if call.group is not None and torch.is_grad_enabled():
+    if call.group is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return torch.empty(0, device=x.device, requires_grad=True)
     return None
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from dist_world import DistWorld, subgroup
 from test_sync import compare_to_concatenated, layer_results, make_batch, randomize_
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncsn
 
@@ -154,3 +155,219 @@ def test_one_collective_each_way_on_cuda(world2, backend, kind):
 def test_no_collective_in_an_nccl_group_of_one(world2, kind):
     fwd, bwd = world2.run(_count_case, "nccl-1", kind, True, timeout=CASE_TIMEOUT)[0]
     assert fwd == {} and bwd == {}, (fwd, bwd)
+
+
+# --- the Triton backend on CUDA: selection, launches, no host synchronization, CUDA graphs ---
+
+
+def _small_net(kind: str, channels: int = 8) -> torch.nn.Module:
+    """A conv net with two normalization layers of ``kind`` (the unit of the graph checks)."""
+    from syncsn.sparse_switchnorm import SparseSwitchNorm2d
+
+    norm = {
+        "sn": lambda: syncsn.SwitchNorm2d(channels),
+        "sync_sn": lambda: syncsn.SyncSwitchNorm2d(channels),  # no process group: world 1
+        "sync_bn": lambda: syncsn.SyncBatchNorm(channels),
+        "ssn": lambda: SparseSwitchNorm2d(channels),
+    }[kind]
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, channels, 3, padding=1, bias=False),
+        norm(),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        norm(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(channels, 4),
+    )
+
+
+NET_KINDS = ["sn", "sync_sn", "sync_bn", "ssn"]
+
+
+def _train_step(net, opt, x, target):
+    opt.zero_grad(set_to_none=False)
+    loss = torch.nn.functional.cross_entropy(net(x), target)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _batch(n: int, seed: int = 0, size: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g).cuda()
+    return x, torch.randint(0, 4, (n,), generator=g).cuda()
+
+
+def test_triton_backend_is_selected_on_cuda(monkeypatch):
+    from syncsn import kernels
+
+    monkeypatch.delenv("SYNCSN_BACKEND", raising=False)
+    monkeypatch.delenv("SYNCSN_NATIVE", raising=False)
+    x = torch.randn(2, 3, 4, 4, device="cuda")
+    assert kernels.passes_backend(x).name == "triton"
+    assert (
+        kernels.passes_backend(x.half().contiguous(memory_format=torch.channels_last)).name
+        == "triton"
+    )
+    assert kernels.shared_backend("cuda").name == "triton"
+    assert kernels.passes_backend(x.double()).name == "torch"
+
+
+def _cuda_kernels(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type.name == "CUDA" and "emcpy" not in e.name]
+
+
+FORWARD_KERNELS = {"stats_kernel", "merge_kernel", "sn_output_kernel", "bn_output_kernel"}
+BACKWARD_KERNELS = {"sn_reduce_kernel", "bn_reduce_kernel", "sn_input_kernel", "bn_input_kernel"}
+
+
+@pytest.mark.parametrize("kind", ["sn", "sync_bn", "ssn"])
+def test_layer_kernels_per_training_call_on_cuda(kind):
+    """The layer's own kernels: statistics, merge, output forward; reduction, input
+    gradient backward (the profiler also lists torch's kernels around them: the softmax of
+    the switch logits, the clone of the merge's check, the gradient accumulation)."""
+    layer = _small_net(kind)[1].cuda()
+    x = torch.randn(2, 8, 16, 16, device="cuda", requires_grad=True)
+    layer(x).sum().backward()  # compile and warm up
+    holder = {}
+    fwd = _cuda_kernels(lambda: holder.update(y=layer(x)))
+    bwd = _cuda_kernels(lambda: holder["y"].backward(torch.ones_like(holder["y"])))
+    # (Older Triton releases append the specialization to a kernel's name.)
+    ours_f = [k for k in fwd if any(k == n or k.startswith(n + "_") for n in FORWARD_KERNELS)]
+    ours_b = [k for k in bwd if any(k == n or k.startswith(n + "_") for n in BACKWARD_KERNELS)]
+    print(f"{kind}: forward kernels {fwd}; backward kernels {bwd}")
+    assert len(ours_f) == 3, fwd
+    assert len(ours_b) == 2, bwd
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on the ops that read a device value on the host."""
+
+    FORBIDDEN = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name().split(".")[0] in self.FORBIDDEN:
+            raise AssertionError(f"host read of a device value: {func.name()}")
+        return func(*args, **(kwargs or {}))
+
+
+def _no_sync(steps):
+    """Run ``steps()`` with torch's CUDA sync debug mode on "error" and host reads refused."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with _NoHostReads():
+            steps()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("batch", [2, 1], ids=["2-images", "1-image"])
+@pytest.mark.parametrize("kind", NET_KINDS)
+def test_training_steps_make_no_host_synchronization(kind, batch):
+    """Training steps on the GPU never wait for it. With one image, the BN scope of SN has a
+    global count of 1: the error comes from the device check, one step late."""
+    from syncsn.sparse_switchnorm import set_radius
+
+    torch.manual_seed(0)
+    net = _small_net(kind).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x, target = _batch(batch)
+    too_few = batch == 1 and kind != "sync_bn"
+    if too_few:
+        _no_sync(lambda: _train_step(net, opt, x, target))  # the flag is read a step late
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            _train_step(net, opt, x, target)
+        return
+    _train_step(net, opt, x, target)  # compilation and first allocations
+
+    def steps():
+        for _ in range(3):
+            _train_step(net, opt, x, target)
+        if kind == "ssn":  # then freeze every SSN layer (a one-hot selection) and go on
+            set_radius(net, 1.0)
+            for _ in range(3):
+                _train_step(net, opt, x, target)
+
+    _no_sync(steps)
+    if kind == "ssn":
+        frozen = [int(m.frozen_mean) for m in net.modules() if hasattr(m, "frozen_mean")]
+        assert all(f >= 0 for f in frozen), frozen
+
+
+@pytest.mark.parametrize("kind", NET_KINDS)
+def test_training_step_in_a_cuda_graph_matches_eager(kind, monkeypatch):
+    """A whole training step (forward, backward, SGD step) captured once and replayed gives
+    the parameters and running statistics of the same steps run eagerly."""
+    import copy
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    torch.manual_seed(0)
+    net = _small_net(kind).cuda()
+    eager = copy.deepcopy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
+    batches = [_batch(4, seed) for seed in range(6)]
+    static_x, static_t = batches[0][0].clone(), batches[0][1].clone()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up, as CUDA graphs require
+        for x, t in batches[:3]:
+            static_x.copy_(x)
+            static_t.copy_(t)
+            _train_step(net, opt, static_x, static_t)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = _train_step(net, opt, static_x, static_t)
+    for x, t in batches[3:]:
+        static_x.copy_(x)
+        static_t.copy_(t)
+        graph.replay()
+    torch.cuda.synchronize()
+
+    for x, t in batches:
+        loss = _train_step(eager, eager_opt, x, t)
+    assert torch.allclose(static_loss, loss, rtol=1e-4, atol=1e-5), (static_loss, loss)
+    for (name, a), (_, b) in zip(net.state_dict().items(), eager.state_dict().items(), strict=True):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_compile_reduce_overhead_matches_eager():
+    """torch.compile(mode="reduce-overhead") (CUDA graphs through inductor) of a net with
+    every layer type: the same losses and parameters as eager, three steps."""
+    import copy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), syncsn.SwitchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), syncsn.SyncSwitchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), syncsn.SyncBatchNorm(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), _small_net("ssn")[1], torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4),
+    ).cuda()  # fmt: skip
+    eager = copy.deepcopy(net)
+    compiled = torch.compile(net, mode="reduce-overhead")
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.05)
+    for seed in range(4):
+        x, t = _batch(4, seed)
+        opt.zero_grad(set_to_none=False)
+        loss = torch.nn.functional.cross_entropy(compiled(x), t)
+        loss.backward()
+        opt.step()
+        ref = _train_step(eager, eager_opt, x, t)
+        assert torch.allclose(loss, ref, rtol=1e-3, atol=1e-4), (seed, loss, ref)
+    for (name, a), (_, b) in zip(net.state_dict().items(), eager.state_dict().items(), strict=True):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name

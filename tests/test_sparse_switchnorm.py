@@ -20,6 +20,7 @@ from dist_world import count_collectives, subgroup
 from test_sync import compare_to_concatenated, make_batch, randomize_
 from torch import Tensor, nn
 
+import syncsn.sparse_switchnorm as ssn_module
 from syncsn.optim import param_groups
 from syncsn.sparse_switchnorm import (
     RadiusSchedule,
@@ -358,6 +359,69 @@ def test_bad_frozen_buffer_is_reported():
         layer(torch.randn(2, 4, 3, 3))
 
 
+def test_bad_frozen_buffer_is_reported_when_loaded():
+    state = SparseSwitchNorm2d(4).state_dict()
+    state["frozen_mean"] = torch.tensor(5)
+    with pytest.raises(ValueError, match=r"frozen_mean must be -1 .* got 5"):
+        SparseSwitchNorm2d(4).load_state_dict(state)
+
+
+class LateRead:
+    """:class:`syncsn.deferred.DeferredRead` as it behaves on CUDA, on CPU tensors: each
+    publication returns the value published before it."""
+
+    def __init__(self) -> None:
+        self._pending = None
+
+    def publish(self, value: Tensor):
+        due, self._pending = self._pending, value.detach().clone().numpy()
+        return due
+
+
+def test_a_host_that_learns_a_step_late_computes_the_same(monkeypatch):
+    """On CUDA the host reads the frozen selections one step late. Until then the layer
+    computes the batch scope with weight 0: the same outputs and gradients as a layer whose
+    host knew at once (CPU), and one more batch folded into the unused running statistics."""
+    x = make_input(2, torch.float64)
+    layers = {}
+    for name in ("at_once", "late"):
+        if name == "late":
+            monkeypatch.setattr(ssn_module, "DeferredRead", LateRead)
+        layer = layers[name] = make_layer(2, torch.float64)
+        set_logits_(layer, favouring(0, 3), favouring(1, 3))  # freezes on (IN, LN): off BN
+        set_radius(layer, 1.0)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        out = {}
+        for name, layer in layers.items():
+            layer.zero_grad()
+            xl = x.clone().requires_grad_()
+            y = layer(xl)
+            (y * dy).sum().backward()
+            out[name] = [y, xl.grad, *(p.grad for p in layer.parameters())]
+        for a, b in zip(out["late"], out["at_once"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert layers["late"].frozen_scopes == layers["at_once"].frozen_scopes == ("in", "ln")
+    assert int(layers["at_once"].num_batches_tracked) == 0
+    assert int(layers["late"].num_batches_tracked) == 1
+
+
+def test_loading_a_state_makes_a_frozen_layer_learn_its_selection_again():
+    x = make_input(2, torch.float32)
+    layer = make_layer(2, torch.float32)
+    set_logits_(layer, favouring(0, 3), favouring(1, 3))
+    set_radius(layer, 1.0)
+    layer(x)
+    assert layer.frozen_scopes == ("in", "ln")  # frozen off BN, and the host knows it
+    fresh = make_layer(2, torch.float32, seed=5)
+    set_logits_(fresh, *SPARSE_LOGITS[3])
+    layer.load_state_dict(fresh.state_dict())
+    assert layer.frozen_scopes == (None, None)
+    for mode in (True, False):
+        torch.testing.assert_close(layer.train(mode)(x), fresh.train(mode)(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dim", [1, 2])
 def test_state_dict_round_trip_keeps_radius_and_frozen_selection(dim):
     layer = make_layer(dim, torch.float32)
@@ -586,6 +650,38 @@ def test_collectives_before_and_after_freezing(world, dim, mean_scope, var_scope
         assert freezing == after and frozen_step == after, (freezing, frozen_step)
         assert evaluation == ({}, {}), evaluation
         assert loaded == after, loaded
+
+
+def _late_read_case(rank, k):
+    """Collectives per training step when the host learns the frozen selections a step late
+    (as on CUDA): the step that freezes off BN still makes them, with weight 0; the next
+    step, the same on every rank, makes none."""
+    if rank >= k:
+        return None
+    saved, ssn_module.DeferredRead = ssn_module.DeferredRead, LateRead
+    try:
+        layer = SyncSparseSwitchNorm2d(4, process_group=subgroup(k))
+    finally:
+        ssn_module.DeferredRead = saved
+    set_logits_(layer, favouring(0, 3), favouring(1, 3))
+    set_radius(layer, 1.0)
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+
+    def step():
+        holder = {}
+        fwd = count_collectives(lambda: holder.setdefault("y", layer(x)))
+        bwd = count_collectives(lambda: holder["y"].square().sum().backward())
+        return dict(fwd), dict(bwd)
+
+    counts = [step() for _ in range(3)]
+    return counts, layer.frozen_scopes
+
+
+def test_a_late_host_read_switches_every_rank_at_the_same_step(world):
+    one_each_way = ({"gloo:all_gather": 1}, {"gloo:all_reduce": 1})
+    for counts, frozen in world.run(_late_read_case, 2)[:2]:
+        assert frozen == ("in", "ln")
+        assert counts == [one_each_way, ({}, {}), ({}, {})], counts
 
 
 def _debug_mismatch_case(rank, k):

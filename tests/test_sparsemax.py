@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from syncsn.sparsemax import is_one_hot, sparsemax, sparsestmax
+from syncsn.sparsemax import _sparsestmax_unchecked, is_one_hot, sparsemax, sparsestmax
 
 SQRT_2_3 = math.sqrt(2 / 3)
 SQRT_1_2 = math.sqrt(1 / 2)
@@ -411,3 +411,28 @@ def test_is_one_hot():
     assert not is_one_hot(torch.zeros(3))
     with pytest.raises(ValueError, match="1-D"):
         is_one_hot(torch.eye(3))
+
+
+def test_sparsestmax_unchecked_gives_the_same_bits_without_host_reads():
+    """The layers' entry point: no argument checks, nothing read on the host (the rounds are
+    a fixed sequence of tensor operations), the same values and gradients as sparsestmax,
+    and a batch gives the same bits as its rows (SSN computes both vectors in one call)."""
+    from test_no_sync import NoHostSync
+
+    rng = random.Random(11)
+    for k in (1, 2, 3, 4):
+        z = torch.tensor([random_logits(rng, k) for _ in range(64)], dtype=torch.float64)
+        r = torch.tensor([rng.choice(RADII + [SQRT_2_3, 2.0]) for _ in range(64)])
+        r = r.to(torch.float64)
+        public = z.clone().requires_grad_()
+        unchecked = z.clone().requires_grad_()
+        expected = sparsestmax(public, r)
+        with NoHostSync() as mode:
+            got = _sparsestmax_unchecked(unchecked, r)
+            g = torch.linspace(-1, 1, got.numel(), dtype=got.dtype).view_as(got)
+            (grad,) = torch.autograd.grad(got, unchecked, g)
+        assert mode.checked > 0
+        assert torch.equal(got, expected)
+        assert torch.equal(grad, torch.autograd.grad(expected, public, g)[0])
+        rows = torch.stack([_sparsestmax_unchecked(z[i], r[i]) for i in range(64)])
+        assert torch.equal(rows, got.detach())

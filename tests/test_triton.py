@@ -16,24 +16,19 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from test_sync import (
     TOL,
-    _run_layer,
-    _SyncSN,
-    make_batch,
-    randomize_,
-    reference_switchnorm,
     rel_err,
 )
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import syncsn
 from syncsn import kernels
+from syncsn.kernels import ops as ops_module
 from syncsn.kernels import triton as triton_backend
 from syncsn.kernels import triton_kernels as K
 from syncsn.kernels.interface import Flags
@@ -166,16 +161,22 @@ def bn_steps(x: torch.Tensor, affine: bool, seed: int = 1) -> None:
     check("bn dx", got_dx, dx, out_tol(x.dtype))
 
 
+# The conformance suite (tests/test_conformance.py) runs every step on small 4-D cases of
+# every dtype and layout, on CPU tensors; these are the shapes it leaves to this file. On a
+# GPU (where the suite cannot reach this backend) a grid of dtypes and layouts is added.
 SN_CASES = {
-    "2d-f32-odd": ((3, 5, 7, 9), F32, CONTIG, 0),
-    "2d-bf16-cl": ((2, 6, 5, 7), BF16, CL, 0),
-    "2d-f16-cl-two-blocks": ((2, 40, 3, 5), F16, CL, 0),
+    "2d-f16-cl-two-channel-blocks": ((2, 40, 3, 5), F16, CL, 0),
     "3d-f16-cl": ((2, 3, 3, 4, 5), F16, CL3, 0),
     "3d-bf16": ((2, 3, 2, 3, 4), BF16, CONTIG, 0),
-    "1d-spatial-f32": ((3, 4, 10), F32, CONTIG, 0),
-    "1d-NC-f32": ((5, 7), F32, CONTIG, 1),
     "one-sample": ((1, 3, 4, 4), F32, CONTIG, 0),
 }
+GPU_GRID = {
+    f"grid-{str(dtype)[6:]}-{name}": ((3, 5, 4, 6), dtype, fmt, 0)
+    for dtype in (F32, F16, BF16)
+    for name, fmt in (("contiguous", CONTIG), ("cl", CL))
+} | {"grid-1d": ((5, 7), F32, CONTIG, 1), "grid-3d-input": ((4, 6, 7), BF16, CONTIG, 0)}
+if DEVICE.type == "cuda":
+    SN_CASES.update(GPU_GRID)
 
 
 @pytest.mark.parametrize("case", SN_CASES)
@@ -185,29 +186,63 @@ def test_sn_steps_match_reference(case):
     sn_steps(x, ddof, affine=True, has_bn=True)
 
 
-def test_sn_steps_without_batch_scope_or_affine():
-    sn_steps(make_x((2, 5, 4, 6), F32, CL), 0, affine=False, has_bn=False)
-
-
 BN_CASES = {
-    "NC-f32": ((6, 5), F32, CONTIG),
-    "spatial-size-1": ((4, 3, 1, 1), F32, CONTIG),
-    "3d-input-f16": ((2, 3, 5), F16, CONTIG),
-    "4d-bf16-cl": ((2, 5, 4, 6), BF16, CL),
     "5d-f32-cl": ((2, 3, 2, 3, 4), F32, CL3),
-    "one-value-per-sample-row": ((1, 2, 3, 3), F32, CONTIG),
+    "4d-bf16-cl-two-channel-blocks": ((2, 37, 2, 3), BF16, CL),
+    "one-sample": ((1, 2, 3, 3), F32, CONTIG),
 }
 
 
 @pytest.mark.parametrize("case", BN_CASES)
 def test_bn_steps_match_reference(case):
     shape, dtype, fmt = BN_CASES[case]
-    bn_steps(make_x(shape, dtype, fmt, seed=len(case)), affine=case != "NC-f32")
+    bn_steps(make_x(shape, dtype, fmt, seed=len(case)), affine=case != "one-sample")
+
+
+LAYERS = {
+    "SwitchNorm2d-bf16-cl": (lambda: syncsn.SwitchNorm2d(4), (3, 4, 5, 6), BF16, CL),
+    "SyncBatchNorm-5d-cl": (lambda: syncsn.SyncBatchNorm(3), (2, 3, 2, 3, 4), F32, CL3),
+}
+
+
+def _layer_run(make, shape, dtype, fmt, backend, monkeypatch):
+    monkeypatch.setenv("SYNCSN_BACKEND", backend)
+    layer = make().to(DEVICE)
+    with torch.no_grad():
+        for i, p in enumerate(layer.parameters()):
+            p.copy_(torch.linspace(0.5, 1.5, p.numel()).roll(i).view_as(p))
+    out = {}
+    for step in range(2):
+        x = make_x(shape, dtype, fmt, seed=step).requires_grad_()
+        y = layer(x)
+        (y.float() * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
+        out[f"y{step}"], out[f"dx{step}"] = y.detach(), x.grad
+    out.update({f"d{k}": p.grad.clone() for k, p in layer.named_parameters()})
+    out.update({k: b.clone() for k, b in layer.named_buffers()})
+    layer.eval()
+    with torch.no_grad():
+        out["eval"] = layer(make_x(shape, dtype, fmt, seed=9))
+    return out
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_on_triton_equals_layer_on_reference(name, monkeypatch):
+    """Whole layers in a dtype and layout the conformance suite runs only at step level."""
+    make, shape, dtype, fmt = LAYERS[name]
+    got = _layer_run(make, shape, dtype, fmt, "triton", monkeypatch)
+    want = _layer_run(make, shape, dtype, fmt, "torch", monkeypatch)
+    for key in want:
+        if not want[key].is_floating_point():
+            assert torch.equal(got[key], want[key]), key
+        else:
+            # Outputs in x's dtype may differ by a rounding, and so may what follows from them.
+            tol = out_tol(dtype) if want[key].dtype == dtype else STAT_TOL
+            check(key, got[key], want[key], 4 * tol if dtype != F32 else tol)
 
 
 MANY_PROGRAMS = {
     # (shape, layout, program target): chunks of the spatial axis and several groups ...
-    "chunks-groups": ((2, 6, 8, 8), CONTIG, 16),
+    "chunks-groups": ((2, 6, 8, 9), CONTIG, 16),  # chunks end in a partial tile
     "chunks-cl": ((2, 9, 4, 8), CL, 8),
     # ... and several samples per program, the last run of samples shorter.
     "rows": ((5, 3, 2, 2), CONTIG, 1),
@@ -295,32 +330,6 @@ def test_merge_matches_reference(case, ddof):
 # --- accuracy criteria --------------------------------------------------------------------------
 
 
-def test_large_mean_within_1e4_of_float64():
-    """float32 input of mean 1e4 and std 1: batch variance and output within 1e-4 (relative)
-    of a float64 computation, first training step."""
-    x = make_x((4, 3, 16, 16), F32, CONTIG, seed=7, mean=1e4, spread=1.0)
-    stats, partials = T.sn_stats(x, 0)
-    batch = T.merge(partials[None].contiguous(), 0, None, None, None, 0.1, 0)
-    w = torch.full((3,), 1 / 3, device=DEVICE)
-    y, _ = T.sn_output(x, stats, batch.mean, batch.var, w, w, None, None, 1e-5)
-
-    x64 = x.double()
-    s64, p64 = R.sn_stats(x64, 0)
-    b64 = R.merge(p64[None], 0, None, None, None, 0.1, 0)
-    y64, _ = R.sn_output(x64, s64, b64.mean, b64.var, w.double(), w.double(), None, None, 1e-5)
-    assert rel_err(batch.var.cpu(), b64.var.cpu()) <= 1e-4
-    assert rel_err(y.cpu(), y64.cpu()) <= 1e-4
-
-    centre, partials = T.bn_stats(x)
-    batch = T.merge(partials[None].contiguous(), 0, None, None, None, 0.1, 1)
-    _, p64 = R.bn_stats(x64)
-    b64 = R.merge(p64[None], 0, None, None, None, 0.1, 1)
-    assert rel_err(batch.var.cpu(), b64.var.cpu()) <= 1e-4
-    y, _ = T.bn_output(x, centre, batch.mean, batch.var, None, None, 1e-5)
-    y64 = (x64 - b64.mean.view(1, -1, 1, 1)) / (b64.var.view(1, -1, 1, 1) + 1e-5).sqrt()
-    assert rel_err(y.cpu(), y64.cpu()) <= 1e-4
-
-
 def test_float16_with_more_than_65504_elements_per_channel():
     x = make_x((1, 2, 260, 260), F16, CONTIG, seed=2, mean=3.0, spread=30.0)
     stats, partials = T.sn_stats(x, 0)
@@ -328,72 +337,6 @@ def test_float16_with_more_than_65504_elements_per_channel():
     assert all(torch.isfinite(t).all() for t in (*stats, partials))
     check_all("sn_stats", stats, ref_stats, STAT_TOL)
     check("partials", partials, ref_partials, STAT_TOL)
-
-
-# --- layers on the Triton backend -----------------------------------------------------------------
-
-
-def _sparse2d(c):
-    from syncsn.sparse_switchnorm import SparseSwitchNorm2d
-
-    return SparseSwitchNorm2d(c)
-
-
-LAYERS = {
-    "SwitchNorm2d-cl": (lambda: syncsn.SwitchNorm2d(4), (3, 4, 5, 6), CL),
-    "SwitchNorm1d": (lambda: syncsn.SwitchNorm1d(4), (6, 4), CONTIG),
-    "SwitchNorm3d": (
-        lambda: syncsn.SwitchNorm3d(3, using_moving_average=False),
-        (2, 3, 3, 2, 4),
-        CONTIG,
-    ),
-    "SyncBatchNorm-local": (lambda: syncsn.SyncBatchNorm(4), (3, 4, 5, 2), CONTIG),
-    "SparseSwitchNorm2d": (lambda: _sparse2d(4), (3, 4, 4, 5), CONTIG),
-}
-
-
-def _layer_run(make, shape, fmt, backend, monkeypatch):
-    monkeypatch.setenv("SYNCSN_BACKEND", backend)
-    torch.manual_seed(0)
-    layer = make().to(DEVICE)
-    randomize_(layer, 5)
-    out = {}
-    for step in range(2):
-        x = make_x(shape, F32, fmt, seed=step).requires_grad_()
-        y = layer(x)
-        (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
-        out[f"y{step}"], out[f"dx{step}"] = y.detach(), x.grad
-    out.update({f"d{k}": p.grad.clone() for k, p in layer.named_parameters()})
-    out.update({k: b.clone() for k, b in layer.named_buffers()})
-    layer.eval()
-    with torch.no_grad():
-        out["eval"] = layer(make_x(shape, F32, fmt, seed=9))
-    return out
-
-
-@pytest.mark.parametrize("name", LAYERS)
-def test_layer_on_triton_equals_layer_on_reference(name, monkeypatch):
-    make, shape, fmt = LAYERS[name]
-    got = _layer_run(make, shape, fmt, "triton", monkeypatch)
-    want = _layer_run(make, shape, fmt, "torch", monkeypatch)
-    for key in want:
-        if key == "num_batches_tracked":
-            assert torch.equal(got[key], want[key])
-        else:
-            check(key, got[key], want[key], TOL[F32])
-
-
-def test_empty_batch_goes_to_the_reference_and_leaves_running_stats(monkeypatch):
-    monkeypatch.setenv("SYNCSN_BACKEND", "triton")
-    x = torch.empty(0, 3, 4, 4, device=DEVICE)
-    assert not T.covers(x)
-    assert kernels.passes_backend(x) is kernels.REFERENCE
-    layer = syncsn.SwitchNorm2d(3).to(DEVICE)
-    y = layer(x.requires_grad_())
-    y.sum().backward()
-    assert y.shape == x.shape and x.grad.shape == x.shape
-    assert torch.equal(layer.running_mean, torch.zeros(3, device=DEVICE))
-    assert layer.num_batches_tracked.item() == 0
 
 
 def test_selection(monkeypatch):
@@ -451,13 +394,18 @@ def step_ops(monkeypatch):
     has already left any outer dispatch mode, so the log is entered inside the step)."""
     ops: dict[str, list[str]] = {}
     cls = triton_backend.TritonBackend
+
+    def logged(name: str):
+        step = getattr(cls, name)
+
+        def run(self, *args, **kwargs):
+            with OpLog(ops.setdefault(name, [])):
+                return step(self, *args, **kwargs)
+
+        return run
+
     for name in STEPS:
-
-        def logged(self, *args, _step=getattr(cls, name), _name=name, **kwargs):
-            with OpLog(ops.setdefault(_name, [])):
-                return _step(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, name, logged)
+        monkeypatch.setattr(cls, name, logged(name))
     yield ops
 
 
@@ -481,6 +429,12 @@ def launches():
         cls.run = original
 
 
+def _sparse2d(c):
+    from syncsn.sparse_switchnorm import SparseSwitchNorm2d
+
+    return SparseSwitchNorm2d(c)
+
+
 COUNTED = {
     "SwitchNorm2d": (lambda: syncsn.SwitchNorm2d(3), (2, 3, 4, 4)),
     "SwitchNorm1d": (lambda: syncsn.SwitchNorm1d(3), (4, 3)),
@@ -492,6 +446,8 @@ COUNTED = {
 @pytest.mark.parametrize("name", COUNTED)
 def test_three_launches_forward_two_backward(name, monkeypatch):
     monkeypatch.setenv("SYNCSN_BACKEND", "triton")
+    # On CPU the merge is the reference's (shared_backend("cpu")); on CUDA it is Triton's.
+    monkeypatch.setattr(ops_module, "shared_backend", lambda device_type: kernels.get("triton"))
     make, shape = COUNTED[name]
     layer = make().to(DEVICE)
     x = make_x(shape, F32, CONTIG).requires_grad_()
@@ -509,53 +465,30 @@ def test_three_launches_forward_two_backward(name, monkeypatch):
         assert backward == ["sn_reduce_kernel", "sn_input_kernel"], backward
     assert len(ops) == 5, sorted(ops)  # every step ran on this backend
     for step, inner in ops.items():
+        assert inner, f"{step}: the log saw nothing (its outputs are allocations)"
         assert set(inner) <= _ALLOCATIONS, (step, sorted(set(inner) - _ALLOCATIONS))
 
 
-# --- uneven ranks on the gloo world ---------------------------------------------------------
-
-
-def _on_triton(rank, *args):
-    os.environ["SYNCSN_BACKEND"] = "triton"
-    try:
-        return _run_layer(rank, *args)
-    finally:
-        del os.environ["SYNCSN_BACKEND"]
-
-
-DPARAMS = ["dweight", "dbias", "dmean_weight", "dvar_weight"]
-
-
-def test_sync_switchnorm_on_triton_with_uneven_ranks_and_sizes(world):
-    """Four ranks, one without samples, each with its own image size, against a float64
-    transcription of the SN equations on the union of the samples."""
-    if DEVICE.type == "cuda":
-        pytest.skip("the gloo world runs on CPU tensors (tests/test_cuda.py covers CUDA)")
-    spatial = [(4, 6), (3, 3), (5, 2), (2, 7)]
-    sizes = [2, 1, 0, 3]
-    xs, gs = make_batch(sizes, spatial, 3, F32, seed=5)
-    results = world.run(_on_triton, 4, _SyncSN(2), xs, gs, 11)
-    ref_layer = syncsn.SwitchNorm2d(3).double()
-    randomize_(ref_layer, 11)
-    params = [ref_layer.weight, ref_layer.bias, ref_layer.mean_weight, ref_layer.var_weight]
-    samples = [s.double().requires_grad_() for x in xs for s in x]
-    outs, mu_bn, var_bn = reference_switchnorm(samples, *params, ref_layer.eps)
-    loss = sum(
-        (o * g.double()).sum() for o, g in zip(outs, [g for gr in gs for g in gr], strict=True)
-    )
-    dparams = torch.autograd.grad(loss, params + samples)
-    i = 0
-    for r, res in enumerate(results):
-        for j in range(sizes[r]):
-            assert rel_err(res["y"][j], outs[i]) <= TOL[F32]
-            assert rel_err(res["dx"][j], dparams[4 + i]) <= TOL[F32]
-            i += 1
-    for key, ref in zip(DPARAMS, dparams[:4], strict=True):
-        assert rel_err(sum(res[key] for res in results), ref) <= TOL[F32], key
-    for res in results:
-        assert torch.equal(res["running_mean"], results[0]["running_mean"])
-    assert rel_err(results[0]["running_var"], 0.9 + 0.1 * var_bn.detach()) <= TOL[F32]
-    assert rel_err(results[0]["running_mean"], 0.1 * mu_bn.detach()) <= TOL[F32]
+def test_compiled_layer_runs_the_triton_kernels(monkeypatch):
+    """Under torch.compile the custom ops stay calls that pick the backend at run time: a
+    compiled SwitchNorm2d runs the Triton kernels and matches the eager layer."""
+    monkeypatch.setenv("SYNCSN_BACKEND", "triton")
+    torch.manual_seed(0)
+    layer, eager = syncsn.SwitchNorm2d(4).to(DEVICE), syncsn.SwitchNorm2d(4).to(DEVICE)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = make_x((2, 4, 5, 6), F32, CONTIG).requires_grad_()
+    x_eager = x.detach().clone().requires_grad_()
+    with launches() as names:
+        y = compiled(x)
+        y.sum().backward()
+    assert {"stats_kernel", "sn_output_kernel", "sn_reduce_kernel", "sn_input_kernel"} <= set(
+        names
+    ), names
+    y_eager = eager(x_eager)
+    y_eager.sum().backward()
+    check("y", y, y_eager.detach(), TOL[F32])
+    check("dx", x.grad, x_eager.grad, TOL[F32])
+    check("running_var", layer.running_var, eager.running_var, TOL[F32])
 
 
 # --- the compiler ---------------------------------------------------------------------------

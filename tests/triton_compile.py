@@ -129,8 +129,10 @@ def _exercise(tb, shape, dtype, fmt) -> None:
     weight, bias = torch.empty(c, **f32), torch.empty(c, **f32)
     tb.sn_stats(x, ddof)
     tb.bn_stats(x)
-    for tracked, momentum in ((False, 0.1), (True, 0.1), (True, None)):
-        rm, rv = torch.empty(c, **f32), torch.empty(c, **f32)
+    merges = [(False, 0.1, torch.float32), (True, 0.1, torch.float32), (True, None, torch.float32)]
+    merges += [(True, 0.1, torch.bfloat16), (True, 0.1, torch.float16)]  # half buffers
+    for tracked, momentum, buffers in merges:
+        rm, rv = torch.empty(c, dtype=buffers, **meta), torch.empty(c, dtype=buffers, **meta)
         nbt = torch.empty((), dtype=torch.int64, **meta)
         tb.merge(
             partials, ddof, rm if tracked else None, rv if tracked else None,
@@ -192,7 +194,8 @@ def main(argv=None) -> int:
     for i, (name, fn, signature, constants, warps) in enumerate(variants.values(), 1):
         try:
             src = ASTSource(fn=fn, signature=signature, constexprs=constants)
-            triton.compile(src, target=target, options={"num_warps": warps})
+            options = {"num_warps": warps, "enable_fp_fusion": True}
+            triton.compile(src, target=target, options=options)
             status = "ok"
         except Exception as error:  # noqa: BLE001 - report every failing variant
             failures += 1

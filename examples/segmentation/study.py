@@ -490,7 +490,7 @@ def plot_groups(groups: list[Group], path: Path) -> None:
 
     configs = list(dict.fromkeys((g.nproc, g.batch_size) for g in groups))
     fig, axes = plt.subplots(
-        1, len(configs), figsize=(4.8 * len(configs), 3.8), sharey=True, squeeze=False
+        1, len(configs), figsize=(4.8 * len(configs), 4.0), sharey=True, squeeze=False
     )
     for ax, (nproc, batch) in zip(axes[0], configs, strict=True):
         panel = [g for g in groups if (g.nproc, g.batch_size) == (nproc, batch)]
@@ -514,9 +514,22 @@ def plot_groups(groups: list[Group], path: Path) -> None:
         )
         ax.set_xticks(epochs)
         ax.set_ylabel("")
-        ax.legend(fontsize=8, loc="best")
-    axes[0][0].set_ylabel("validation mIoU (mean; band: min-max over seeds)")
-    fig.tight_layout()
+    axes[0][0].set_ylabel("validation mIoU")
+    # One legend for all panels, under them: inside a panel it would hide curves.
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(
+        handles.values(),
+        handles.keys(),
+        loc="lower center",
+        ncol=min(len(handles), 6),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.suptitle("lines: mean over the seeds; shaded: their min-max", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -82,7 +82,7 @@ class SNMixed(NamedTuple):
 class BatchMoments(NamedTuple):
     """The merged batch scope of all ranks (float64) and what the merge found."""
 
-    count: Tensor  # 0-d: samples (SN) or values per channel (BN)
+    count: Tensor  # type: ignore[assignment]  # 0-d: samples (SN) or values (BN)
     mean: Tensor  # (C,)
     var: Tensor  # (C,): m2 / (count - ddof), the variance the layer normalizes with
     flags: Tensor  # 0-d int32, bits of :class:`Flags`

@@ -51,7 +51,9 @@ def _combine(
     gradient has this form."""
     acc = F.acc_dtype(x.dtype)
     centred = x.to(acc) - _view(centre, x)
-    dx = dy.to(acc) * _view(k_dy, x) + centred * _view(k_x, x) + _view(k_0, x)
+    # x's term first: the result takes the layout of the first operand, and dx must have
+    # x's (dy may come in another).
+    dx = centred * _view(k_x, x) + dy.to(acc) * _view(k_dy, x) + _view(k_0, x)
     return dx.to(x.dtype)
 
 
@@ -90,7 +92,7 @@ class ReferenceBackend(Backend):
             if momentum is None:
                 assert num_batches_tracked is not None
                 done = (num_batches_tracked + valid.long()).clamp(min=1)
-                factor = 1.0 / done.double()
+                factor: Tensor | float = 1.0 / done.double()
             else:
                 factor = momentum
             new_mean = F.fold_running(running_mean, mean, factor)

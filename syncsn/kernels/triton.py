@@ -95,6 +95,7 @@ class _Plan:
     fin_n: int
     fin_ch: int
     num_warps: int
+    even_c: bool  # C is a multiple of BLOCK_C: full tiles need no mask
 
     @property
     def programs(self) -> int:
@@ -111,6 +112,7 @@ class _Plan:
             "BLOCK_C": self.block_c,
             "BLOCK_L": self.block_l,
             "num_warps": self.num_warps,
+            "EVEN_C": self.even_c,
             # Triton's default (contracting a * b + c into one rounding), stated so that
             # Triton 3.9 does not warn about its coming change of default.
             "enable_fp_fusion": True,
@@ -168,6 +170,7 @@ def _make_plan(
         fin_n=fin_n,
         fin_ch=fin_ch,
         num_warps=8 if block_c * block_l >= 2048 else 4,
+        even_c=c % block_c == 0,
     )
 
 

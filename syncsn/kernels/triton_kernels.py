@@ -33,6 +33,12 @@ import triton.language as tl
 # Sizes are never specialised: a size of 1 would become a compile-time constant, and the
 # kernels convert sizes to floats.
 _SIZES = ("N", "C", "L")
+# Tiles of the finalizing steps over samples and channel groups.
+_LN_ROWS = tl.constexpr(64)
+_LN_GROUPS = tl.constexpr(16)
+_ROWS_R = tl.constexpr(16)
+_ROWS_C = tl.constexpr(128)
+_ROWS_G = tl.constexpr(16)
 
 # --- shared pieces ------------------------------------------------------------------------
 
@@ -76,9 +82,8 @@ def _arrive(cnt_ptr, expected):
 @triton.jit
 def _group_of(cb, num_cb, num_rb, chunks, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
     """The channel group of a channel block and how many programs it has."""
-    per_group: tl.constexpr = GROUP // BLOCK_C
-    g = cb // per_group
-    blocks = tl.minimum(num_cb - g * per_group, per_group)
+    g = cb // (GROUP // BLOCK_C)
+    blocks = tl.minimum(num_cb - g * (GROUP // BLOCK_C), GROUP // BLOCK_C)
     return g, blocks * num_rb * chunks
 
 
@@ -136,6 +141,7 @@ def stats_kernel(
     num_cb, rows, num_rb, chunks, chunk_len, num_groups, ddof,
     SN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, PILOT: tl.constexpr,
     GROUP: tl.constexpr, FIN_N: tl.constexpr, FIN_CH: tl.constexpr, WIDE: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """Per-(n, c) moments about a shift, then (finalize) the interface's statistics.
 
@@ -152,6 +158,8 @@ def stats_kernel(
     p = tl.arange(0, PILOT)
     pilot_mask = cm[:, None] & (p[None, :] < L)
     pilot_count = tl.minimum(L, PILOT).to(tl.float32)
+    l_full = l_lo + (l_hi - l_lo) // BLOCK_L * BLOCK_L
+    full = tl.broadcast_to(cm[:, None], (BLOCK_C, BLOCK_L))
     n_lo = rb * rows
     for n in range(n_lo, tl.minimum(n_lo + rows, N)):
         xb = x_ptr + tl.cast(n, tl.int64) * sxn
@@ -160,13 +168,21 @@ def stats_kernel(
         s1 = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
         s2 = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
         xp = xb + _tile(c, l_lo + lanes, sxc, sxl, WIDE)
-        for l0 in range(l_lo, l_hi, BLOCK_L):
+        for _ in range(l_lo, l_full, BLOCK_L):
+            if EVEN_C:
+                v = tl.load(xp)
+            else:  # channels past C read 0 and have k = 0: they add nothing
+                v = tl.load(xp, mask=full, other=0.0)
+            d = v.to(tl.float32) - k[:, None]
+            s1 += d
+            s2 += d * d
+            xp += BLOCK_L * sxl
+        for l0 in range(l_full, l_hi, BLOCK_L):
             m = cm[:, None] & (l0 + lanes < l_hi)[None, :]
             v = tl.load(xp, mask=m, other=0.0)
             d = tl.where(m, v.to(tl.float32) - k[:, None], 0.0)
             s1 += d
             s2 += d * d
-            xp += BLOCK_L * sxl
         w = ws_ptr + ((tl.cast(n, tl.int64) * chunks + chunk) * 3) * C
         tl.store(w + c, tl.sum(s1, 1), mask=cm)
         tl.store(w + C + c, tl.sum(s2, 1), mask=cm)
@@ -244,15 +260,13 @@ def _stats_finalize_group(
 @triton.jit
 def _ln_finalize(ln_ws_ptr, ln_mean_ptr, ln_var_ptr, N, C, num_groups, ddof, GROUP: tl.constexpr):
     """Each sample's LN scope from the groups' shares (two passes over the groups)."""
-    FIN_R: tl.constexpr = 64
-    FIN_G: tl.constexpr = 16
-    r = tl.arange(0, FIN_R)
-    q = tl.arange(0, FIN_G)
-    for n0 in range(0, N, FIN_R):
+    r = tl.arange(0, _LN_ROWS)
+    q = tl.arange(0, _LN_GROUPS)
+    for n0 in range(0, N, _LN_ROWS):
         n = n0 + r
         nm = n < N
-        total = tl.zeros([FIN_R, FIN_G], tl.float64)
-        for g0 in range(0, num_groups, FIN_G):
+        total = tl.zeros([_LN_ROWS, _LN_GROUPS], tl.float64)
+        for g0 in range(0, num_groups, _LN_GROUPS):
             g = g0 + q
             m = nm[:, None] & (g < num_groups)[None, :]
             width = tl.minimum(C - g * GROUP, GROUP).to(tl.float64)
@@ -260,8 +274,8 @@ def _ln_finalize(ln_ws_ptr, ln_mean_ptr, ln_var_ptr, N, C, num_groups, ddof, GRO
             mean_g = tl.load(ln_ws_ptr + base, mask=m, other=0.0, cache_modifier=".cg")
             total += tl.where(m, mean_g * width[None, :], 0.0)
         ln_mean = tl.sum(total, 1) / C
-        spread = tl.zeros([FIN_R, FIN_G], tl.float64)
-        for g0 in range(0, num_groups, FIN_G):
+        spread = tl.zeros([_LN_ROWS, _LN_GROUPS], tl.float64)
+        for g0 in range(0, num_groups, _LN_GROUPS):
             g = g0 + q
             m = nm[:, None] & (g < num_groups)[None, :]
             width = tl.minimum(C - g * GROUP, GROUP).to(tl.float64)
@@ -417,7 +431,7 @@ def sn_output_kernel(
     mix_mean_ptr, mix_var_ptr, rstd_ptr,
     num_cb, rows, chunks, chunk_len,
     HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """Prologue: mix the scopes of each (n, c) (float64); then y = (x - centre) a + b."""
     pid = tl.program_id(0)
@@ -455,47 +469,76 @@ def sn_output_kernel(
             x_ptr + tl.cast(n, tl.int64) * sxn, sxc, sxl,
             y_ptr + tl.cast(n, tl.int64) * syn, syc, syl,
             c, cm, l_lo, l_hi, lanes, centre, scale.to(tl.float32), shift.to(tl.float32),
-            WIDE,
+            WIDE, EVEN_C,
         )  # fmt: skip
 
 
 @triton.jit
 def _affine_rows(
     xb, sxc, sxl, yb, syc, syl, c, cm, l_lo, l_hi, lanes, centre, scale, shift,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """y = (x - centre) * scale + shift over one sample's chunk, float32 coefficients."""
-    BLOCK_L: tl.constexpr = lanes.shape[0]
     xp = xb + _tile(c, l_lo + lanes, sxc, sxl, WIDE)
     yp = yb + _tile(c, l_lo + lanes, syc, syl, WIDE)
-    for l0 in range(l_lo, l_hi, BLOCK_L):
+    l_full = l_lo + (l_hi - l_lo) // lanes.shape[0] * lanes.shape[0]
+    full = tl.broadcast_to(cm[:, None], (c.shape[0], lanes.shape[0]))
+    for _ in range(l_lo, l_full, lanes.shape[0]):
+        if EVEN_C:
+            v = tl.load(xp).to(tl.float32)
+        else:
+            v = tl.load(xp, mask=full, other=0.0).to(tl.float32)
+        out = ((v - centre[:, None]) * scale[:, None] + shift[:, None]).to(yb.dtype.element_ty)
+        if EVEN_C:
+            tl.store(yp, out)
+        else:
+            tl.store(yp, out, mask=full)
+        xp += lanes.shape[0] * sxl
+        yp += lanes.shape[0] * syl
+    for l0 in range(l_full, l_hi, lanes.shape[0]):
         m = cm[:, None] & (l0 + lanes < l_hi)[None, :]
         v = tl.load(xp, mask=m, other=0.0).to(tl.float32)
         out = (v - centre[:, None]) * scale[:, None] + shift[:, None]
         tl.store(yp, out.to(yb.dtype.element_ty), mask=m)
-        xp += BLOCK_L * sxl
-        yp += BLOCK_L * syl
+        xp += lanes.shape[0] * sxl
+        yp += lanes.shape[0] * syl
 
 
 @triton.jit
 def _combine_rows(
     xb, sxc, sxl, db, sdc, sdl, ob, soc, sol, c, cm, l_lo, l_hi, lanes, centre, k_dy, k_x,
-    k_0, WIDE: tl.constexpr,
+    k_0, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """dx = k_dy * dy + k_x * (x - centre) + k_0 over one sample's chunk."""
-    BLOCK_L: tl.constexpr = lanes.shape[0]
     xp = xb + _tile(c, l_lo + lanes, sxc, sxl, WIDE)
     dp = db + _tile(c, l_lo + lanes, sdc, sdl, WIDE)
     op = ob + _tile(c, l_lo + lanes, soc, sol, WIDE)
-    for l0 in range(l_lo, l_hi, BLOCK_L):
+    l_full = l_lo + (l_hi - l_lo) // lanes.shape[0] * lanes.shape[0]
+    full = tl.broadcast_to(cm[:, None], (c.shape[0], lanes.shape[0]))
+    for _ in range(l_lo, l_full, lanes.shape[0]):
+        if EVEN_C:
+            v = tl.load(xp).to(tl.float32)
+            g = tl.load(dp).to(tl.float32)
+        else:
+            v = tl.load(xp, mask=full, other=0.0).to(tl.float32)
+            g = tl.load(dp, mask=full, other=0.0).to(tl.float32)
+        out = g * k_dy[:, None] + (v - centre[:, None]) * k_x[:, None] + k_0[:, None]
+        if EVEN_C:
+            tl.store(op, out.to(ob.dtype.element_ty))
+        else:
+            tl.store(op, out.to(ob.dtype.element_ty), mask=full)
+        xp += lanes.shape[0] * sxl
+        dp += lanes.shape[0] * sdl
+        op += lanes.shape[0] * sol
+    for l0 in range(l_full, l_hi, lanes.shape[0]):
         m = cm[:, None] & (l0 + lanes < l_hi)[None, :]
         v = tl.load(xp, mask=m, other=0.0).to(tl.float32)
         g = tl.load(dp, mask=m, other=0.0).to(tl.float32)
         out = g * k_dy[:, None] + (v - centre[:, None]) * k_x[:, None] + k_0[:, None]
         tl.store(op, out.to(ob.dtype.element_ty), mask=m)
-        xp += BLOCK_L * sxl
-        dp += BLOCK_L * sdl
-        op += BLOCK_L * sol
+        xp += lanes.shape[0] * sxl
+        dp += lanes.shape[0] * sdl
+        op += lanes.shape[0] * sol
 
 
 # --- backward reduction (SN and BN) ---------------------------------------------------------
@@ -504,22 +547,34 @@ def _combine_rows(
 @triton.jit
 def _dot_rows(
     ws_ptr, n, chunks, chunk, C, xb, sxc, sxl, db, sdc, sdl, c, cm, l_lo, l_hi, lanes,
-    centre, WIDE: tl.constexpr,
+    centre, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """Store sum dy and sum dy * (x - centre) of one sample's chunk (float32)."""
-    BLOCK_L: tl.constexpr = lanes.shape[0]
-    s1 = tl.zeros([c.shape[0], BLOCK_L], tl.float32)
-    s2 = tl.zeros([c.shape[0], BLOCK_L], tl.float32)
+    s1 = tl.zeros([c.shape[0], lanes.shape[0]], tl.float32)
+    s2 = tl.zeros([c.shape[0], lanes.shape[0]], tl.float32)
     xp = xb + _tile(c, l_lo + lanes, sxc, sxl, WIDE)
     dp = db + _tile(c, l_lo + lanes, sdc, sdl, WIDE)
-    for l0 in range(l_lo, l_hi, BLOCK_L):
+    l_full = l_lo + (l_hi - l_lo) // lanes.shape[0] * lanes.shape[0]
+    full = tl.broadcast_to(cm[:, None], (c.shape[0], lanes.shape[0]))
+    for _ in range(l_lo, l_full, lanes.shape[0]):
+        if EVEN_C:
+            v = tl.load(xp).to(tl.float32)
+            g = tl.load(dp).to(tl.float32)
+        else:  # channels past C read dy = 0: they add nothing
+            v = tl.load(xp, mask=full, other=0.0).to(tl.float32)
+            g = tl.load(dp, mask=full, other=0.0).to(tl.float32)
+        s1 += g
+        s2 += g * (v - centre[:, None])
+        xp += lanes.shape[0] * sxl
+        dp += lanes.shape[0] * sdl
+    for l0 in range(l_full, l_hi, lanes.shape[0]):
         m = cm[:, None] & (l0 + lanes < l_hi)[None, :]
         v = tl.load(xp, mask=m, other=0.0).to(tl.float32)
         g = tl.load(dp, mask=m, other=0.0).to(tl.float32)
         s1 += g
         s2 += g * tl.where(m, v - centre[:, None], 0.0)
-        xp += BLOCK_L * sxl
-        dp += BLOCK_L * sdl
+        xp += lanes.shape[0] * sxl
+        dp += lanes.shape[0] * sdl
     w = ws_ptr + ((tl.cast(n, tl.int64) * chunks + chunk) * 2) * C
     tl.store(w + c, tl.sum(s1, 1), mask=cm)
     tl.store(w + C + c, tl.sum(s2, 1), mask=cm)
@@ -536,7 +591,7 @@ def sn_reduce_kernel(
     num_cb, rows, num_rb, chunks, chunk_len, num_groups, ddof,
     HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr, GROUP: tl.constexpr, FIN_N: tl.constexpr, FIN_CH: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """SN's backward reduction and the small math up to the backward collective.
 
@@ -557,7 +612,7 @@ def sn_reduce_kernel(
         _dot_rows(
             ws_ptr, n, chunks, chunk, C, x_ptr + tl.cast(n, tl.int64) * sxn, sxc, sxl,
             dy_ptr + tl.cast(n, tl.int64) * sdn, sdc, sdl, c, cm, l_lo, l_hi, lanes,
-            centre.to(tl.float32), WIDE,
+            centre.to(tl.float32), WIDE, EVEN_C,
         )  # fmt: skip
     g, expected = _group_of(cb, num_cb, num_rb, chunks, BLOCK_C, GROUP)
     if _arrive(cnt_ptr + g, expected):
@@ -663,20 +718,17 @@ def _sn_reduce_rows(
 ):  # fmt: skip
     """The LN terms of d loss / d (instance mean, variance), which need every channel of a
     sample, and the switch-weight gradients from the groups' shares."""
-    FIN_R: tl.constexpr = 16
-    FIN_C: tl.constexpr = 128
-    FIN_G: tl.constexpr = 16
     w0, w1, w2 = _simplex(w_ptr)
     v0, v1, v2 = _simplex(v_ptr)
-    r = tl.arange(0, FIN_R)
-    q = tl.arange(0, FIN_G)
-    lanes = tl.arange(0, FIN_C)
-    for n0 in range(0, N, FIN_R):
+    r = tl.arange(0, _ROWS_R)
+    q = tl.arange(0, _ROWS_G)
+    lanes = tl.arange(0, _ROWS_C)
+    for n0 in range(0, N, _ROWS_R):
         n = n0 + r
         nm = n < N
-        t_mu = tl.zeros([FIN_R, FIN_G], tl.float64)
-        t_var = tl.zeros([FIN_R, FIN_G], tl.float64)
-        for g0 in range(0, num_groups, FIN_G):
+        t_mu = tl.zeros([_ROWS_R, _ROWS_G], tl.float64)
+        t_var = tl.zeros([_ROWS_R, _ROWS_G], tl.float64)
+        for g0 in range(0, num_groups, _ROWS_G):
             g = g0 + q
             m = nm[:, None] & (g < num_groups)[None, :]
             base = (tl.cast(n, tl.int64)[:, None] * num_groups + g[None, :]) * 2
@@ -685,7 +737,7 @@ def _sn_reduce_rows(
         m_n = (w1 * tl.sum(t_mu, 1))[:, None]
         v_n = (v1 * tl.sum(t_var, 1))[:, None]
         ln_mean = tl.load(ln_mean_ptr + n, mask=nm, other=0.0)[:, None]
-        for c0 in range(0, C, FIN_C):
+        for c0 in range(0, C, _ROWS_C):
             c = c0 + lanes
             m2d = nm[:, None] & (c < C)[None, :]
             nc = tl.cast(n, tl.int64)[:, None] * C + c[None, :]
@@ -697,8 +749,8 @@ def _sn_reduce_rows(
             tl.store(grad_mean_ptr + nc, g_a, mask=m2d)
             tl.store(grad_var_ptr + nc, g_b, mask=m2d)
     k = tl.arange(0, 8)
-    shares = tl.zeros([FIN_G, 8], tl.float64)
-    for g0 in range(0, num_groups, FIN_G):
+    shares = tl.zeros([_ROWS_G, 8], tl.float64)
+    for g0 in range(0, num_groups, _ROWS_G):
         g = g0 + q
         m = (g < num_groups)[:, None] & (k < 6)[None, :]
         offs = tl.cast(g, tl.int64)[:, None] * 6 + k[None, :]
@@ -716,6 +768,7 @@ def bn_reduce_kernel(
     num_cb, rows, num_rb, chunks, chunk_len,
     HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
     GROUP: tl.constexpr, FIN_N: tl.constexpr, FIN_CH: tl.constexpr, WIDE: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """BN's backward reduction: [sum dy, sum dy * (x - mean)] per channel and the
     parameter gradients. ``ws`` (N, chunks, 2, C) float32."""
@@ -732,6 +785,7 @@ def bn_reduce_kernel(
         _dot_rows(
             ws_ptr, n, chunks, chunk, C, x_ptr + tl.cast(n, tl.int64) * sxn, sxc, sxl,
             dy_ptr + tl.cast(n, tl.int64) * sdn, sdc, sdl, c, cm, l_lo, l_hi, lanes, centre, WIDE,
+            EVEN_C,
         )  # fmt: skip
     g, expected = _group_of(cb, num_cb, num_rb, chunks, BLOCK_C, GROUP)
     if _arrive(cnt_ptr + g, expected):
@@ -766,7 +820,7 @@ def sn_input_kernel(
     count_ptr, weight_ptr, ddof,
     num_cb, rows, chunks, chunk_len,
     HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_L: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """Prologue: the BN terms of the gradients and the coefficients of dx per (n, c);
     then dx = k_dy dy + k_x (x - centre) + k_0."""
@@ -804,7 +858,7 @@ def sn_input_kernel(
             dy_ptr + tl.cast(n, tl.int64) * sdn, sdc, sdl,
             dx_ptr + tl.cast(n, tl.int64) * son, soc, sol, c, cm, l_lo, l_hi, lanes,
             centre.to(tl.float32), k_dy.to(tl.float32), k_x.to(tl.float32),
-            k_0.to(tl.float32), WIDE,
+            k_0.to(tl.float32), WIDE, EVEN_C,
         )  # fmt: skip
 
 
@@ -815,7 +869,7 @@ def bn_output_kernel(
     saved_centre_ptr, saved_mean_ptr, rstd_ptr,
     num_cb, rows, chunks, chunk_len,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_L: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """Prologue: per-channel scale and shift from the global statistics; then
     y = (x - centre) a + b with the per-(n, c) centre of the statistics pass."""
@@ -844,7 +898,7 @@ def bn_output_kernel(
             x_ptr + tl.cast(n, tl.int64) * sxn, sxc, sxl,
             y_ptr + tl.cast(n, tl.int64) * syn, syc, syl,
             c, cm, l_lo, l_hi, lanes, centre, scale.to(tl.float32), shift.to(tl.float32),
-            WIDE,
+            WIDE, EVEN_C,
         )  # fmt: skip
 
 
@@ -854,7 +908,7 @@ def bn_input_kernel(
     centre_ptr, mean_ptr, rstd_ptr, weight_ptr, totals_ptr, count_ptr,
     num_cb, rows, chunks, chunk_len,
     HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """Prologue: per-channel coefficients of dx from the summed totals; then the pass."""
     pid = tl.program_id(0)
@@ -881,5 +935,5 @@ def bn_input_kernel(
             dy_ptr + tl.cast(n, tl.int64) * sdn, sdc, sdl,
             dx_ptr + tl.cast(n, tl.int64) * son, soc, sol, c, cm, l_lo, l_hi, lanes,
             centre.to(tl.float32), k_dy.to(tl.float32), k_x.to(tl.float32),
-            k_0.to(tl.float32), WIDE,
+            k_0.to(tl.float32), WIDE, EVEN_C,
         )  # fmt: skip
