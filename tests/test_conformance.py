@@ -15,9 +15,10 @@ the reference backend (:mod:`syncsn.kernels.reference`, the definition) on the s
   different backends, whose running statistics must agree bitwise.
 
 Tolerances are relative to the largest magnitude of the expected tensor: for results in
-x's dtype two units in its last place (1e-12 in float64); for the float64 / float32
-statistics and parameter gradients, 1e-12 from float64 input and 1e-5 otherwise (a float32
-or half input is read exactly; what is left is float32 arithmetic on it).
+x's dtype two units in the last place of float16 / bfloat16, 1e-5 for float32 and 1e-12 for
+float64; for the float64 / float32 statistics and parameter gradients, 1e-12 from float64
+input and 1e-5 otherwise (a float32 or half input is read exactly; what is left is float32
+arithmetic on it).
 
 A backend entry with ``small=True`` (one run in an interpreter) gets the small cases only.
 """

@@ -124,7 +124,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         i = argv.index("--")
         argv, train_args = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
         usage="%(prog)s [options] [-- TRAIN_ARGS...]",
         epilog="TRAIN_ARGS go to every train.py run (see train.py --help), e.g. -- --epochs 3",
     )
@@ -132,8 +132,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "--nproc",
         type=int,
         default=None,
-        help=f"processes per run (torchrun --nproc_per_node); {DEFAULT_NPROC}, "
-        f"--quick: {QUICK_NPROC}",
+        help=f"processes per run (torchrun --nproc_per_node); default {DEFAULT_NPROC}, "
+        f"--quick {QUICK_NPROC}",
     )
     p.add_argument(
         "-b",
@@ -142,7 +142,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         nargs="+",
         default=None,
         metavar="B",
-        help=f"images per process; {list(DEFAULT_BATCH_SIZES)}, --quick: {list(QUICK_BATCH_SIZES)}",
+        help=f"images per process; default {_words(DEFAULT_BATCH_SIZES)}, "
+        f"--quick {_words(QUICK_BATCH_SIZES)}",
     )
     p.add_argument(
         "--norms",
@@ -151,7 +152,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         choices=tuple(train.NORMS),
         metavar="NORM",
         help=f"train.py --norm values, of {', '.join(train.NORMS)}; "
-        f"{' '.join(DEFAULT_NORMS)}, --quick: {' '.join(QUICK_NORMS)}",
+        f"default {_words(DEFAULT_NORMS)}, --quick {_words(QUICK_NORMS)}",
     )
     p.add_argument(
         "--seeds",
@@ -159,7 +160,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         nargs="+",
         default=None,
         metavar="S",
-        help=f"train.py --seed values; {list(DEFAULT_SEEDS)}, --quick: {list(QUICK_SEEDS)}",
+        help=f"train.py --seed values; default {_words(DEFAULT_SEEDS)}, "
+        f"--quick {_words(QUICK_SEEDS)}",
     )
     p.add_argument("--output-dir", default="runs/study", help="folder of the runs and results")
     p.add_argument(
@@ -183,6 +185,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if min(args.batch_sizes) < 1:
         p.error(f"-b/--batch-sizes must be at least 1 image per process, got {args.batch_sizes}")
     return args, (QUICK_TRAIN_ARGS if quick else []) + train_args
+
+
+def _words(values: Sequence) -> str:
+    return " ".join(map(str, values))
 
 
 def _unique(values: Sequence) -> list:
@@ -572,11 +578,15 @@ def run_all(
         verb = "continue" if run in partial else "start"
         print(f"[{i + 1}/{len(todo)}] {verb} {run}: log {run.path(root) / 'train.log'}", flush=True)
         rc, wall = launch(run, common, root)
-        if rc == 0 and is_finished(run.path(root), epochs):
+        if is_finished(run.path(root), epochs):
             walls.setdefault((run.config, run.norm), []).append(wall)
             last = read_jsonl(str(run.path(root) / "metrics.jsonl"))[-1]
             write_results(root, epochs, plot)
             status = f"done in {wall:.0f} s, final mIoU {last['miou']:.3f}"
+            if rc != 0:
+                # Every epoch was trained, evaluated and recorded before the crash: the
+                # run's results stand, and a later invocation will not launch it again.
+                status += f" (then exit status {rc} on the way out: see its train.log)"
         else:
             failed.append(run)
             for line in failure_lines(run.path(root) / "train.log"):
