@@ -35,6 +35,8 @@ from types import ModuleType
 
 import torch
 
+from . import _env
+
 __all__ = ["enabled", "kernels", "Loader", "build", "compiler", "main"]
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
@@ -50,7 +52,7 @@ BUILD_LOG = "build.log"
 
 def enabled() -> bool:
     """False when ``SYNCSN_NATIVE=0`` asks for the pure-torch implementation."""
-    return os.environ.get("SYNCSN_NATIVE", "1").strip() != "0"
+    return (_env.get("SYNCSN_NATIVE") or "1").strip() != "0"
 
 
 def _target() -> tuple[str, list[str]]:

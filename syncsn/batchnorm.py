@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import _args, comm
 from .function import BatchNormFunction, LayerCall, next_layer_key
+from .kernels import ops
 from .switchnorm import check_input, fold_running_now, grad_anchor
 
 __all__ = ["SyncBatchNorm"]
@@ -210,6 +211,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             group=group,
             world=world,
             fold_running=fold_running_now(),
+            eager=ops.plain_eager(),
         )
         tracked = self.training and self.track_running_stats
         return BatchNormFunction.apply(

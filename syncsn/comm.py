@@ -20,6 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import _env
+from .kernels.ops import plain_eager
+
 __all__ = [
     "group_size",
     "all_gather_stacked",
@@ -107,7 +110,7 @@ def create_sync_groups(group_size: int) -> dist.ProcessGroup:
 
 def debug_enabled() -> bool:
     """True when ``SYNCSN_DEBUG=1``: Sync layers then cross-check their calls across ranks."""
-    return os.environ.get("SYNCSN_DEBUG", "0") not in ("", "0")
+    return _env.get("SYNCSN_DEBUG", "0") not in ("", "0")
 
 
 DEFAULT_DEBUG_TIMEOUT = 30.0
@@ -447,7 +450,8 @@ def _mismatch_message(chan: _Channel, k: int, call: str, entries: list[list[str]
 # --- the layers' collectives, as ops the compiler traces ----------------------------------
 #
 # A layer names its process group by ``group_name`` (a string, which torch.compile and
-# torch.export carry as a constant); the ops resolve it at run time.
+# torch.export carry as a constant); the ops resolve it at run time. In plain eager mode the
+# same functions run without the op around them.
 
 
 def group_name(group: dist.ProcessGroup | None) -> str:
@@ -461,11 +465,21 @@ def _resolve(name: str) -> dist.ProcessGroup:
     return dist.distributed_c10d._resolve_process_group(name)  # type: ignore[arg-type]
 
 
-@torch.library.custom_op("syncsn::all_gather", mutates_args=())
-def _all_gather(buffer: Tensor, group: str, world: int) -> Tensor:
+def _gather(buffer: Tensor, group: str, world: int) -> Tensor:
     out = buffer.new_empty(world * buffer.numel())
     _all_gather_flat(out, buffer.contiguous(), group=_resolve(group))
     return out.view(world, buffer.numel())
+
+
+def _sum(buffer: Tensor, group: str) -> Tensor:
+    out = buffer.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_resolve(group))
+    return out
+
+
+@torch.library.custom_op("syncsn::all_gather", mutates_args=())
+def _all_gather(buffer: Tensor, group: str, world: int) -> Tensor:
+    return _gather(buffer, group, world)
 
 
 @_all_gather.register_fake
@@ -475,9 +489,7 @@ def _(buffer, group, world):
 
 @torch.library.custom_op("syncsn::all_reduce", mutates_args=())
 def _all_reduce(buffer: Tensor, group: str) -> Tensor:
-    out = buffer.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_resolve(group))
-    return out
+    return _sum(buffer, group)
 
 
 @_all_reduce.register_fake
@@ -485,13 +497,19 @@ def _(buffer, group):
     return torch.empty_like(buffer)
 
 
-def gather_partials(buffer: Tensor, group: str | None, world: int) -> Tensor:
+def gather_partials(
+    buffer: Tensor, group: str | None, world: int, *, eager: bool = False
+) -> Tensor:
     """The forward collective: every rank's (K,) partials as (world, K), in rank order.
 
-    ``group`` None (a layer that does not synchronize) gives ``buffer[None]``.
+    ``group`` None (a layer that does not synchronize) gives ``buffer[None]``. ``eager``
+    (plain eager mode, :func:`syncsn.kernels.ops.plain_eager`) calls the collective directly:
+    the op's dispatch costs about as much as a small layer's math.
     """
     if group is None or world == 1:
         return buffer.unsqueeze(0)
+    if eager:
+        return _gather(buffer, group, world)
     return torch.ops.syncsn.all_gather(buffer, group, world)
 
 
@@ -507,6 +525,8 @@ def sum_totals(buffer: Tensor, group: str | None, *, layer: str | None = None) -
     if debug_enabled() and not torch.compiler.is_compiling():
         name = layer or f"a Sync layer ({buffer.numel()} values)"
         check_same_call(group, _BACKWARD, name, str(buffer.numel()))
+    if plain_eager():
+        return _sum(buffer, group)
     return torch.ops.syncsn.all_reduce(buffer, group)
 
 

@@ -38,10 +38,10 @@ class DeferredRead:
 
     def publish(self, value: Tensor) -> np.ndarray | None:
         """Start reading ``value``; return the value that is due now (None: nothing yet)."""
+        if value.is_cpu:
+            return value.detach().numpy()  # (the array keeps the tensor alive)
         if value.device.type != "cuda":
-            host = torch.empty(value.shape, dtype=value.dtype)
-            host.copy_(value)
-            return host.numpy()
+            return value.cpu().numpy()
         if torch.cuda.is_current_stream_capturing():
             # A CUDA graph replays the copy but not this Python code: nothing to read later.
             return None

@@ -1,16 +1,17 @@
 """Autograd Functions of the normalization layers, local and synchronized.
 
 One Function per kind of layer, written once against the kernel interface
-(:mod:`syncsn.kernels.ops`): each reads x once for its statistics and once for its output,
-saves x and O(N * C) small tensors for backward (no normalized copy), and in backward makes
+(:mod:`syncsn.kernels.interface`, reached through :func:`syncsn.kernels.ops.steps`): each
+reads x once for its statistics and once for its output, saves x and O(N * C) small
+tensors for backward (no normalized copy), and in backward makes
 one reduction pass, one all-reduce of 2 * C values (batch scope, synchronized, training
 only) and one elementwise pass. The local layers are these same Functions without a process
 group, so local and synchronized code cannot drift apart. The collectives are made here,
 between the steps, through the traceable ops of :mod:`syncsn.comm`.
 
-The gradients returned for the switch weights ``w`` and ``v`` are exact up to a constant
-added to every entry, which is invisible through softmax / sparsestmax (any map onto the
-simplex).
+The gradients returned for switch weights ``w`` and ``v`` on the simplex are exact up to a
+constant added to every entry, which is invisible through sparsestmax (any map onto the
+simplex); SN passes its logits instead, and gets their exact gradients.
 
 Every argument that is not a tensor travels in a frozen :class:`LayerCall`, which
 torch.compile treats as a constant.
@@ -49,6 +50,9 @@ class LayerCall:
             None and 1.
         fold_running: whether the running statistics take this batch (False while
             torch.utils.checkpoint recomputes a forward that already counted).
+        eager: plain eager mode (:func:`syncsn.kernels.ops.plain_eager`): the forward
+            calls its steps directly instead of through the custom ops.
+        logits: SN's ``w`` and ``v`` are logits, whose softmax the kernels compute.
     """
 
     layer: str
@@ -60,6 +64,8 @@ class LayerCall:
     group: str | None = None
     world: int = 1
     fold_running: bool = True
+    eager: bool = False
+    logits: bool = False
 
 
 _layer_keys = itertools.count()
@@ -79,7 +85,7 @@ def _batch_moments(
     running_ddof: int,
 ):
     """The forward collective and the merge: the batch scope of every rank of the group."""
-    gathered = comm.gather_partials(partials, call.group, call.world)
+    gathered = comm.gather_partials(partials, call.group, call.world, eager=call.eager)
     fold = call.training and call.fold_running
     batch = ops.merge(
         gathered,
@@ -89,17 +95,30 @@ def _batch_moments(
         num_batches_tracked if fold else None,
         call.momentum,
         running_ddof,
+        eager=call.eager,
     )
     if call.training:
-        batch = batch._replace(var=checked(batch.var, batch.flags, call))
+        var = checked(batch.var, batch.flags, call)
+        if var is not batch.var:
+            batch = batch._replace(var=var)
     return batch
+
+
+def _backward_steps(ctx, x: Tensor, weight: Tensor | None):
+    """The forward's backend when it was called directly and the backward is plain eager too,
+    else :func:`~syncsn.kernels.ops.steps` anew."""
+    eager = ops.plain_eager()
+    if eager and ctx.backend is not None:
+        return ctx.backend
+    return ops.steps(eager, x, weight)
 
 
 class SwitchNormFunction(torch.autograd.Function):
     """Switchable Normalization over (N, C, *S), scopes (IN, LN, BN).
 
     Inputs: x (N, C, *S); w, v the mixing weights (3,) on the simplex for means and
-    variances, a 0 for a scope the layer does not have; weight, bias (C,) or None; the
+    variances, a 0 for a scope the layer does not have (or with ``call.logits`` the logits
+    whose softmax they are, -inf for such a scope); weight, bias (C,) or None; the
     running buffers (None when not tracked); ``use_bn`` whether the layer has a BN scope;
     the :class:`LayerCall`; ``anchor`` a tensor that requires grad on every rank alike (see
     :func:`syncsn.switchnorm.grad_anchor`) or None.
@@ -120,7 +139,8 @@ class SwitchNormFunction(torch.autograd.Function):
         call: LayerCall,
         anchor: Tensor | None,
     ) -> Tensor:
-        stats, partials = ops.sn_stats(x, call.ddof)
+        steps = ops.steps(call.eager, x, weight, bias)
+        stats, partials = steps.sn_stats(x, call.ddof)
         bn_mean = bn_var = count = None
         batch_scope = use_bn and (call.training or running_mean is None)
         if batch_scope:
@@ -131,11 +151,14 @@ class SwitchNormFunction(torch.autograd.Function):
         elif use_bn:
             assert running_mean is not None and running_var is not None
             bn_mean, bn_var = running_mean.double(), running_var.double()
-        y, mixed = ops.sn_output(x, stats, bn_mean, bn_var, w, v, weight, bias, call.eps)
+        y, mixed = steps.sn_output(
+            x, stats, bn_mean, bn_var, w, v, weight, bias, call.eps, call.logits
+        )
 
         ctx.save_for_backward(x, w, v, weight, *stats, *mixed, bn_mean, bn_var, count)
         ctx.call = call
         ctx.batch_scope = batch_scope
+        ctx.backend = steps if call.eager else None
         return y
 
     @staticmethod
@@ -145,8 +168,9 @@ class SwitchNormFunction(torch.autograd.Function):
         stats, mixed = SNStats(*rest[:5]), SNMixed(*rest[5:8])
         bn_mean, bn_var, count = rest[8:]
         call: LayerCall = ctx.call
-        grads = ops.sn_backward_reduce(
-            x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, call.ddof
+        steps = _backward_steps(ctx, x, weight)
+        grads = steps.sn_backward_reduce(
+            x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, call.ddof, call.logits
         )
         totals = None
         if ctx.batch_scope:
@@ -154,7 +178,7 @@ class SwitchNormFunction(torch.autograd.Function):
             totals = comm.sum_totals(grads.totals, call.group, layer=call.layer)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = ops.sn_backward_input(
+            dx = steps.sn_backward_input(
                 x, dy, stats, mixed, grads, bn_mean if ctx.batch_scope else None, totals,
                 count, weight, call.ddof,
             )  # fmt: skip
@@ -183,13 +207,15 @@ class BatchNormFunction(torch.autograd.Function):
         call: LayerCall,
         anchor: Tensor | None,
     ) -> Tensor:
-        centre, partials = ops.bn_stats(x)
+        steps = ops.steps(call.eager, x, weight, bias)
+        centre, partials = steps.bn_stats(x)
         batch = _batch_moments(
             partials, call, running_mean, running_var, num_batches_tracked, running_ddof=1
         )
-        y, saved = ops.bn_output(x, centre, batch.mean, batch.var, weight, bias, call.eps)
+        y, saved = steps.bn_output(x, centre, batch.mean, batch.var, weight, bias, call.eps)
         ctx.save_for_backward(x, weight, *saved, batch.count)
         ctx.call = call
+        ctx.backend = steps if call.eager else None
         return y
 
     @staticmethod
@@ -198,11 +224,12 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, centre, mean, rstd, count = ctx.saved_tensors
         saved = ops.BNSaved(centre, mean, rstd)
         call: LayerCall = ctx.call
-        local, dweight, dbias = ops.bn_backward_reduce(x, dy, saved, weight)
+        steps = _backward_steps(ctx, x, weight)
+        local, dweight, dbias = steps.bn_backward_reduce(x, dy, saved, weight)
         totals = comm.sum_totals(local, call.group, layer=call.layer)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = ops.bn_backward_input(x, dy, saved, weight, totals, count)
+            dx = steps.bn_backward_input(x, dy, saved, weight, totals, count)
         if weight is None:
             return (dx, None, None, *([None] * 5))
         return (dx, dweight, dbias, *([None] * 5))
@@ -232,16 +259,26 @@ def checked(var: Tensor, flags: Tensor, call: LayerCall) -> Tensor:
     through :class:`~syncsn.deferred.DeferredRead`: at once on CPU, one step late on CUDA
     (then the error names the previous step), the same step on every rank either way.
     """
+    if call.eager:
+        # Nothing can drop or reorder the check: act on the flags and hand var back as is.
+        _read_flags(flags, call.layer, call.key)
+        return var
     return torch.ops.syncsn.checked(var, flags, call.layer, call.key)
+
+
+def _read_flags(flags: Tensor, layer: str, key: int) -> None:
+    state = _reports.get(key)
+    if state is None:
+        state = _reports[key] = _Reports()
+    due = state.reader.publish(flags)
+    if due is not None and due:
+        _act(int(due), layer, state, late=flags.is_cuda)
 
 
 @torch.library.custom_op("syncsn::checked", mutates_args=())
 def _checked(var: Tensor, flags: Tensor, layer: str, key: int) -> Tensor:
-    state = _reports.setdefault(key, _Reports())
-    due = state.reader.publish(flags)
-    if due is not None:
-        _act(int(due), layer, state, late=flags.device.type == "cuda")
-    return var.clone()
+    _read_flags(flags, layer, key)
+    return var.clone()  # an op's output may not alias its input
 
 
 @_checked.register_fake

@@ -148,6 +148,23 @@ def merge_partials(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return count, mean, m2
 
 
+def mixing_weights64(w: Tensor, logits: bool) -> Tensor:
+    """The (3,) mixing weights in float64: ``softmax(w)`` when ``w`` holds logits (-inf for
+    a scope the layer lacks), else ``w`` renormalised, since float32 weights on the simplex
+    sum to 1 only within ~1e-7, which shifts a mean of 1e4 by 1e-3 (more than a std-1 input
+    tolerates)."""
+    w = w.double()
+    if logits:
+        return torch.softmax(w, dim=0)
+    return w / w.sum()
+
+
+def logit_grads(grad: Tensor, weights: Tensor) -> Tensor:
+    """d loss / d logits from d loss / d ``weights`` = softmax(logits): the vector-Jacobian
+    product ``p * (g - <g, p>)`` of softmax. A constant added to ``grad`` changes nothing."""
+    return weights * (grad - (grad * weights).sum())
+
+
 def mix(weights: Tensor, scopes: list[Tensor | None]) -> Tensor:
     """sum_k weights[k] * scopes[k] over the scopes that are given, broadcast to (N, C)."""
     out: Tensor | None = None

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from . import comm
 from .deferred import DeferredRead
+from .kernels import ops
 from .sparsemax import _sparsestmax_unchecked
 from .switchnorm import (
     SwitchNorm1d,
@@ -131,12 +132,16 @@ _frozen_reads: weakref.WeakValueDictionary[int, _FrozenReads] = weakref.WeakValu
 def _publish_frozen(frozen: Tensor, key: int, layer: str, scopes: str) -> Tensor:
     """Publish a training step's ``frozen`` (2,) to the host and learn what is due; returns a
     copy for the buffers, so that no compiler drops the op."""
+    _learn_frozen(frozen, key, layer, scopes)
+    return frozen.clone()
+
+
+def _learn_frozen(frozen: Tensor, key: int, layer: str, scopes: str) -> None:
     reads = _frozen_reads.get(key)
     if reads is not None:
         due = reads.reader.publish(frozen)
         if due is not None:
             reads.learn(due, layer, tuple(scopes.split(",")))
-    return frozen.clone()
 
 
 @_publish_frozen.register_fake
@@ -327,7 +332,7 @@ class _SparseSwitchMixin(_SwitchNorm):
         sparse = _sparsestmax_unchecked(logits.to(dtype), self.radius.to(dtype))
         return torch.where(frozen.unsqueeze(-1) >= 0, one_hot, sparse), sparse, frozen
 
-    def _forward_weights(self) -> tuple[Tensor, Tensor, bool]:
+    def _forward_weights(self) -> tuple[Tensor, Tensor, bool, bool]:
         reads = self._reads()
         weights, sparse, frozen = self._weights(reads.settled is not None)
         if self.training and sparse is not None:
@@ -340,7 +345,7 @@ class _SparseSwitchMixin(_SwitchNorm):
             # statistics nor communicates (its weights are exactly 0). Until the host knows,
             # the batch scope is computed with weight 0, which gives the same output.
             use_bn = use_bn and self.scopes.index("bn") in settled
-        return weights[0], weights[1], use_bn
+        return weights[0], weights[1], use_bn, False
 
     def _freeze_one_hot(self, weights: Tensor, frozen: Tensor, reads: _FrozenReads) -> None:
         """Record in the buffers the vectors whose ``weights`` (2, K) have become one-hot,
@@ -352,9 +357,11 @@ class _SparseSwitchMixin(_SwitchNorm):
             _check_same_selection(
                 self._describe(), selection.tolist(), process_group, weights.device
             )
-        selection = torch.ops.syncsn.publish_frozen(
-            selection, reads.key, type(self).__name__, ",".join(self.scopes)
-        )
+        layer, scopes = type(self).__name__, ",".join(self.scopes)
+        if ops.plain_eager():  # nothing can drop the read: no op and no copy around it
+            _learn_frozen(selection, reads.key, layer, scopes)
+        else:
+            selection = torch.ops.syncsn.publish_frozen(selection, reads.key, layer, scopes)
         with torch.no_grad():
             self.frozen_mean.copy_(selection[0])
             self.frozen_var.copy_(selection[1])

@@ -6,6 +6,7 @@ The modules hold parameters and buffers and check their input; the math is in
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _args, comm
 from . import functional as F
 from .function import LayerCall, SwitchNormFunction, next_layer_key
+from .kernels import ops
 
 __all__ = [
     "SwitchNorm1d",
@@ -80,12 +82,13 @@ def exporting() -> bool:
 ALL_SCOPES = ("in", "ln", "bn")
 
 
-def on_all_scopes(weights: Tensor, scopes: tuple[str, ...]) -> Tensor:
-    """(K,) weights over ``scopes`` as the (3,) vector over (IN, LN, BN), 0 where absent."""
+def on_all_scopes(weights: Tensor, scopes: tuple[str, ...], absent: float = 0.0) -> Tensor:
+    """(K,) weights over ``scopes`` as the (3,) vector over (IN, LN, BN), ``absent`` (0 for
+    weights, -inf for logits) where the layer lacks a scope."""
     if scopes == ALL_SCOPES:
         return weights
-    zero = weights.new_zeros(())
-    return torch.stack([weights[scopes.index(s)] if s in scopes else zero for s in ALL_SCOPES])
+    fill = weights.new_full((), absent)
+    return torch.stack([weights[scopes.index(s)] if s in scopes else fill for s in ALL_SCOPES])
 
 
 class _SwitchNorm(_BatchNorm):
@@ -224,7 +227,7 @@ class _SwitchNorm(_BatchNorm):
         """(process group name, size) this call synchronizes over; (None, 1): none."""
         return None, 1
 
-    def _layer_call(self) -> LayerCall:
+    def _layer_call(self, logits: bool, eager: bool) -> LayerCall:
         group, world = self._sync_target()
         return LayerCall(
             layer=self._describe(),
@@ -236,16 +239,19 @@ class _SwitchNorm(_BatchNorm):
             group=group,
             world=world,
             fold_running=fold_running_now(),
+            eager=eager,
+            logits=logits,
         )
 
     def _check_input(self, x: Tensor) -> None:
         check_input(x, self, self._ndims, self._layout)
 
-    def _forward_weights(self) -> tuple[Tensor, Tensor, bool]:
-        """The weights (K,) over ``scopes`` for this call and whether it uses the BN scope
-        (a subclass may know that the BN scope's weights are exactly 0)."""
-        w, v = self.mixing_weights()
-        return w, v, self.using_bn
+    def _forward_weights(self) -> tuple[Tensor, Tensor, bool, bool]:
+        """What this call mixes the scopes with, (K,) over ``scopes`` each for the means and
+        the variances; whether it uses the BN scope (a subclass may know that the BN scope's
+        weights are exactly 0); and whether those are logits. SN passes its logits: the
+        kernels compute the softmax (and its backward) as part of their passes."""
+        return self.mean_weight, self.var_weight, self.using_bn, True
 
     def _debug_check(self, x: Tensor) -> None:
         """With SYNCSN_DEBUG=1, what a Sync layer checks about the other ranks."""
@@ -253,8 +259,10 @@ class _SwitchNorm(_BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         self._debug_check(x)
-        w, v, use_bn = self._forward_weights()
-        w, v = on_all_scopes(w, self.scopes), on_all_scopes(v, self.scopes)
+        w, v, use_bn, logits = self._forward_weights()
+        if self.scopes != ALL_SCOPES:
+            absent = -math.inf if logits else 0.0
+            w, v = on_all_scopes(w, self.scopes, absent), on_all_scopes(v, self.scopes, absent)
         # torch's rule: without tracked running statistics the BN scope is the batch's, in
         # eval mode too (where it is local: eval never communicates).
         tracked = self.track_running_stats and self.running_mean is not None
@@ -263,13 +271,16 @@ class _SwitchNorm(_BatchNorm):
             if tracked
             else (None, None, None)
         )
-        if exporting() and not self.training and (tracked or not use_bn):
+        eager = ops.plain_eager()  # (no export or trace records an eager call)
+        if not eager and exporting() and not self.training and (tracked or not use_bn):
             # A deployable graph: plain torch operations in the model's dtype.
+            if logits:
+                w, v = torch.softmax(w, dim=0), torch.softmax(v, dim=0)
             return F.switch_norm_eval(
                 x, w, v, running_mean if use_bn else None, running_var if use_bn else None,
                 self.weight, self.bias, self.eps, ddof=1 if self._ndims == (2,) else 0,
             )  # fmt: skip
-        call = self._layer_call()
+        call = self._layer_call(logits, eager)
         return SwitchNormFunction.apply(
             x, w, v, self.weight, self.bias, running_mean, running_var, num_batches, use_bn,
             call, grad_anchor(x, call),

@@ -258,16 +258,21 @@ def test_sn_steps(backend, entry, case):
         bn_mean, bn_var = {"train": (batch.mean, batch.var), "eval": running}.get(
             mode, (None, None)
         )
+        # SN's logits in training and without BN (-inf for the missing scope), weights on
+        # the simplex (as SSN passes them) in eval.
+        logits = mode != "eval"
         w, v = simplex(3, affine, pdtype), simplex(4, affine, pdtype)
+        if logits:
+            w, v = w.log(), v.log()
         gamma, beta = (weight, bias) if affine else (None, None)
         _, mixed = run_step(
             backend, "sn_output", x=x, stats=stats, bn_mean=bn_mean, bn_var=bn_var, w=w, v=v,
-            weight=gamma, bias=beta, eps=1e-5,
+            weight=gamma, bias=beta, eps=1e-5, logits=logits,
         )  # fmt: skip
         grad = dy.contiguous() if mode == "eval" else dy
         reduced = run_step(
             backend, "sn_backward_reduce", x=x, dy=grad, stats=stats, mixed=mixed,
-            bn_mean=bn_mean, bn_var=bn_var, w=w, v=v, weight=gamma, ddof=ddof,
+            bn_mean=bn_mean, bn_var=bn_var, w=w, v=v, weight=gamma, ddof=ddof, logits=logits,
         )  # fmt: skip
         synced = mode == "train"
         # What the layer gives the input step: the reduction's (N, C) terms.

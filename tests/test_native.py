@@ -19,6 +19,7 @@ import torch
 
 import syncsn
 from syncsn import _native, kernels
+from syncsn.kernels import cpp as cpp_backend
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -60,7 +61,7 @@ def ops():
 def spy(ops, monkeypatch):
     """The kernels, counted, selected with SYNCSN_BACKEND=cpp."""
     recorder = Spy(ops)
-    monkeypatch.setattr(_native, "kernels", lambda: recorder if _native.enabled() else None)
+    monkeypatch.setattr(cpp_backend, "_LIB", recorder)
     monkeypatch.setenv("SYNCSN_BACKEND", "cpp")
     return recorder
 
@@ -100,17 +101,17 @@ def run(layer, x, dy, backend, steps=1):
 
 
 def test_each_step_is_one_call(spy):
-    """A layer's forward+backward is one operator call per step (the small math is fused
-    into them; the merge runs on the shared reference backend)."""
+    """A layer's forward+backward is one operator call per step and one for the merge (the
+    small math, SN's softmax included, is fused into them)."""
     x, dy = make_input((4, 6, 5, 7), torch.float32, seed=1)
     run(syncsn.SwitchNorm2d(6), x, dy, "cpp")
-    assert spy.calls == Counter(STEPS)
+    assert spy.calls == Counter(STEPS + ("merge",))
     spy.calls.clear()
     run(syncsn.SyncBatchNorm(6), x, dy, "cpp")
-    assert spy.calls == Counter(BN_STEPS)
+    assert spy.calls == Counter(BN_STEPS + ("merge",))
     spy.calls.clear()
     run(syncsn.SwitchNorm1d(6), x[:, :, 0, 0].contiguous(), dy[:, :, 0, 0].contiguous(), "cpp")
-    assert spy.calls == Counter(STEPS)
+    assert spy.calls == Counter(STEPS + ("merge",))
 
 
 def test_operators_take_named_arguments(ops):
@@ -131,7 +132,7 @@ def test_bad_arguments_give_clear_errors(ops):
     with pytest.raises(RuntimeError, match="bn_mean must have 4 elements, got shape \\[5\\]"):
         ops.sn_output(
             x, *stats[:5], torch.zeros(5, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
-            w, w, None, None, 1e-5,
+            w, w, None, None, 1e-5, False,
         )  # fmt: skip
     with pytest.raises(RuntimeError, match="expected a contiguous or channels-last tensor"):
         ops.bn_stats(x.transpose(2, 3))
@@ -147,7 +148,7 @@ def test_other_layouts_run_on_the_reference_backend(spy):
         for key, value in out.items():
             if value.is_floating_point():
                 assert max_rel_err(value, reference[key]) <= 1e-12, key
-    assert not spy.calls
+    assert set(spy.calls) == {"merge"}, spy.calls  # the shared merge, whatever the layout
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -196,7 +197,7 @@ def test_gradcheck_through_the_kernels(spy):
             return torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x,))
 
         assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7)
-    assert set(spy.calls) == set(STEPS) | set(BN_STEPS), spy.calls
+    assert set(spy.calls) == set(STEPS) | set(BN_STEPS) | {"merge"}, spy.calls
 
 
 def test_float16_with_more_than_65504_elements_per_channel(spy):
@@ -239,3 +240,41 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
         assert loader.get() is None
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "pure-torch" in messages[0], messages
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 16])
+def test_merge_gives_the_reference_bits(ops, world):
+    """The C++ merge is the shared CPU merge: bit for bit the reference's (which every rank
+    without the kernels runs) over the world sizes where torch sums ranks in order, and
+    within 2e-15 beyond; running buffers of every dtype, both momentum modes, batches too
+    small or non-finite."""
+    g = torch.Generator().manual_seed(world)
+    cpp, ref = kernels.get("cpp"), kernels.REFERENCE
+    for c, buffers, momentum, ddof, scale in [
+        (64, torch.float32, 0.1, 0, 1e4),
+        (3, torch.float16, 0.1, 1, 1.0),
+        (64, torch.bfloat16, None, 0, 1.0),
+        (5, torch.float64, None, 1, 1e30),
+        (64, torch.float16, 0.1, 0, 1e6),  # folds that overflow float16
+    ]:
+        n = torch.randint(0, 4, (world,), generator=g).double()
+        mean = torch.randn(world, c, generator=g, dtype=torch.float64) * scale + scale
+        m2 = torch.rand(world, c, generator=g, dtype=torch.float64) * scale * n[:, None]
+        gathered = torch.cat([n[:, None], mean * (n[:, None] > 0), m2 * (n[:, None] > 0)], 1)
+        if c == 5:
+            gathered[0, 1] = float("nan")
+        running = (torch.randn(c, generator=g) * scale).to(buffers), torch.rand(c).to(buffers)
+        results = []
+        for backend in (cpp, ref):
+            rm, rv, nbt = running[0].clone(), running[1].clone(), torch.tensor(3)
+            out = backend.merge(gathered, ddof, rm, rv, nbt, momentum, 1)
+            results.append((*out, rm, rv, nbt))
+        names = ("count", "mean", "var", "flags", "rm", "rv", "nbt")
+        for name, got, want in zip(names, *results, strict=True):
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            if world <= 4:
+                bits = got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+                assert torch.equal(*bits), name
+            else:
+                a, b = got.double(), want.double()
+                assert torch.allclose(a, b, rtol=2e-15, atol=0, equal_nan=True), name

@@ -400,6 +400,74 @@ def test_training_steps_make_no_host_sync(case, backend, monkeypatch, request):
             assert ops["syncsn::publish_frozen"] == 1
 
 
+# --- plain eager mode, which no dispatch mode sees ------------------------------------------
+#
+# In eager mode the layers call their steps directly (no custom op, no dispatcher), and any
+# dispatch mode switches that path off. The profiler leaves it on: it records every aten
+# operation the step dispatches, at any depth. Triton's interpreter copies the kernels'
+# arguments with aten operations of its own; what runs inside a launch is left out, as the
+# device would run it.
+
+_WAIT_EVENTS = {f"aten::{op}" for op in WAITS}
+
+
+def _host_reads(events, inside_launch: bool = False) -> list[str]:
+    found = []
+    for event in events:
+        launch = inside_launch or event.name.startswith("triton:")
+        if not launch and event.name in _WAIT_EVENTS:
+            found.append(event.name)
+        found += _host_reads(event.cpu_children, launch)
+    return found
+
+
+def _eager_case(rank, case):
+    if rank != 0:
+        return None
+    from syncsn.kernels import triton_kernels
+
+    launcher = type(triton_kernels.stats_kernel)
+    original = launcher.run
+
+    def run(self, *args, **kwargs):
+        with torch.profiler.record_function("triton:" + self.__name__):
+            return original(self, *args, **kwargs)
+
+    launcher.run = run
+    try:
+        make, sizes, _ = LOCAL_CASES[case]
+        torch.manual_seed(0)
+        model = make()
+        inputs = images(sizes, seed=1, features=3 if "1d" in case else None)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for x in inputs:
+                loss = model(x).square().mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        events = prof.events()
+        roots = [e for e in events if e.cpu_parent is None]
+        layer_ops = {e.name for e in events if e.name.startswith(("aten::", "triton:"))}
+        return _host_reads(roots), len(layer_ops), backend_of(model, inputs[0])
+    finally:
+        launcher.run = original
+
+
+def _eager_case_on(rank, case, backend):
+    return _with_backend(backend, _eager_case, rank, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(LOCAL_CASES))
+def test_eager_training_steps_make_no_host_sync(case, backend, two_ranks):
+    """The same training steps in plain eager mode (the layers' direct path)."""
+    reads, kinds, used = two_ranks.run(_eager_case_on, case, backend, timeout=240)[0]
+    assert used == BACKEND_CLASSES[backend]
+    assert kinds > 10  # the profiler saw the steps
+    assert not reads, f"{case}: {reads}"
+
+
 # --- on two gloo ranks, one image per rank -------------------------------------------------
 
 RANK_CASES = {

@@ -88,8 +88,16 @@ def layout_of(t: torch.Tensor) -> str:
 # --- each step against the reference ---------------------------------------------------------
 
 
-def sn_steps(x: torch.Tensor, ddof: int, affine: bool, has_bn: bool, seed: int = 1) -> None:
-    """All SN steps of a training call, each compared with the reference's."""
+def sn_steps(
+    x: torch.Tensor,
+    ddof: int,
+    affine: bool,
+    has_bn: bool,
+    seed: int = 1,
+    logits_given: bool = True,
+) -> None:
+    """All SN steps of a training call, each compared with the reference's: with the
+    layer's logits (SN) or with weights on the simplex (SSN)."""
     g = torch.Generator().manual_seed(seed)
     c = x.shape[1]
     dy = (
@@ -104,7 +112,9 @@ def sn_steps(x: torch.Tensor, ddof: int, affine: bool, has_bn: bool, seed: int =
     logits = torch.randn(3, generator=g).to(DEVICE)
     if not has_bn:
         logits[2] = -float("inf")
-    w, v = torch.softmax(logits, 0), torch.softmax(logits.flip(0), 0).roll(1)
+    w, v = logits, logits.flip(0).roll(1)
+    if not logits_given:
+        w, v = torch.softmax(w, 0), torch.softmax(v, 0)
 
     stats, partials = R.sn_stats(x, ddof)
     got_stats, got_partials = T.sn_stats(x, ddof)
@@ -113,14 +123,16 @@ def sn_steps(x: torch.Tensor, ddof: int, affine: bool, has_bn: bool, seed: int =
 
     batch = R.merge(partials[None], ddof, None, None, None, 0.1, ddof)
     bn_mean, bn_var = (batch.mean, batch.var) if has_bn else (None, None)
-    y, mixed = R.sn_output(x, stats, bn_mean, bn_var, w, v, weight, bias, 1e-5)
-    got_y, got_mixed = T.sn_output(x, stats, bn_mean, bn_var, w, v, weight, bias, 1e-5)
+    args = (x, stats, bn_mean, bn_var, w, v, weight, bias, 1e-5, logits_given)
+    y, mixed = R.sn_output(*args)
+    got_y, got_mixed = T.sn_output(*args)
     check("y", got_y, y, out_tol(x.dtype))
     assert layout_of(got_y) == layout_of(x)
     check_all("mixed", got_mixed, mixed, STAT_TOL)
 
-    grads = R.sn_backward_reduce(x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof)
-    got = T.sn_backward_reduce(x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof)
+    args = (x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits_given)
+    grads = R.sn_backward_reduce(*args)
+    got = T.sn_backward_reduce(*args)
     check_all("sn_backward_reduce", got, grads, STAT_TOL)
 
     totals, count = (grads.totals, batch.count) if has_bn else (None, None)
@@ -183,7 +195,8 @@ if DEVICE.type == "cuda":
 def test_sn_steps_match_reference(case):
     shape, dtype, fmt, ddof = SN_CASES[case]
     x = make_x(shape, dtype, fmt, seed=len(case))
-    sn_steps(x, ddof, affine=True, has_bn=True)
+    # SN passes logits, SSN weights on the simplex: both are the kernels' inputs.
+    sn_steps(x, ddof, affine=True, has_bn=True, logits_given=len(case) % 2 == 0)
 
 
 BN_CASES = {
@@ -467,6 +480,75 @@ def test_three_launches_forward_two_backward(name, monkeypatch):
     for step, inner in ops.items():
         assert inner, f"{step}: the log saw nothing (its outputs are allocations)"
         assert set(inner) <= _ALLOCATIONS, (step, sorted(set(inner) - _ALLOCATIONS))
+
+
+# What a whole layer call launches in eager mode, as a GPU would see it: the Triton kernels
+# and every aten op that computes (not allocations, views or no-op conversions), found with
+# the profiler, which leaves the layers on their eager path (a dispatch mode would not).
+_NO_KERNEL = _ALLOCATIONS | {
+    "aten::empty", "aten::view", "aten::unsqueeze", "aten::select", "aten::detach",
+    "aten::as_strided", "aten::expand", "aten::alias", "aten::squeeze", "aten::reshape",
+    "aten::_reshape_alias", "aten::slice", "aten::resolve_conj", "aten::resolve_neg",
+}  # fmt: skip
+_MAYBE_COPIES = {"aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone"}
+
+
+def _device_work(events) -> list[str]:
+    """The kernels a list of profiler events (and their children) would launch."""
+    found: list[str] = []
+    for event in events:
+        if event.name.startswith("triton:"):
+            found.append(event.name.removeprefix("triton:"))
+        elif event.name.startswith("aten::"):
+            inner = _device_work(event.cpu_children)
+            if event.name in _NO_KERNEL or (event.name in _MAYBE_COPIES and not inner):
+                continue
+            found.append(event.name)
+        else:  # the autograd Function, the engine's nodes: look inside
+            found.extend(_device_work(event.cpu_children))
+    return found
+
+
+WHOLE_CALL = {
+    "SwitchNorm2d": (lambda: syncsn.SwitchNorm2d(3), (2, 3, 4, 4)),
+    "SwitchNorm3d": (lambda: syncsn.SwitchNorm3d(3), (2, 3, 2, 3, 2)),
+    "SyncSwitchNorm2d": (lambda: syncsn.SyncSwitchNorm2d(3), (2, 3, 4, 4)),
+    "SyncBatchNorm": (lambda: syncsn.SyncBatchNorm(3), (2, 3, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", WHOLE_CALL)
+def test_whole_layer_call_is_at_most_three_launches_each_way(name, monkeypatch):
+    """Forward and backward of a training call, everything the layer runs: at most three
+    kernels each (SN's softmax and its gradient are in the output and reduction kernels)."""
+    monkeypatch.setenv("SYNCSN_BACKEND", "triton")
+    monkeypatch.setattr(ops_module, "shared_backend", lambda device_type: kernels.get("triton"))
+    cls = type(K.stats_kernel)
+    original = cls.run
+
+    def run(self, *args, **kwargs):
+        with torch.profiler.record_function("triton:" + self.__name__):
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+    make, shape = WHOLE_CALL[name]
+    layer = make().to(DEVICE)
+    x = make_x(shape, F32, CONTIG).requires_grad_()
+    dy = torch.randn_like(x)
+    layer(x).backward(dy)  # first call: counters and compilation
+    work = {}
+    for phase in ("forward", "backward"):
+        layer.zero_grad(set_to_none=True)  # as an optimizer does: no accumulation kernels
+        x.grad = None
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            if phase == "forward":
+                y = layer(x)
+            else:
+                y.backward(dy)
+        work[phase] = _device_work([e for e in prof.events() if e.cpu_parent is None])
+    prefix = "bn" if name == "SyncBatchNorm" else "sn"
+    assert work["forward"] == ["stats_kernel", "merge_kernel", f"{prefix}_output_kernel"], work
+    assert work["backward"] == [f"{prefix}_reduce_kernel", f"{prefix}_input_kernel"], work
 
 
 def test_compiled_layer_runs_the_triton_kernels(monkeypatch):

@@ -141,8 +141,9 @@ def _exercise(tb, shape, dtype, fmt) -> None:
     for bn, gamma in ((True, weight), (False, None)):
         bn_mean, bn_var = (mean_c, var_c) if bn else (None, None)
         b = bias if gamma is not None else None
-        tb.sn_output(x, stats, bn_mean, bn_var, w, w, gamma, b, 1e-5)
-        tb.sn_backward_reduce(x, dy, stats, mixed, bn_mean, bn_var, w, w, gamma, ddof)
+        for logits in (False, True):
+            tb.sn_output(x, stats, bn_mean, bn_var, w, w, gamma, b, 1e-5, logits)
+            tb.sn_backward_reduce(x, dy, stats, mixed, bn_mean, bn_var, w, w, gamma, ddof, logits)
         t, k = (totals, count) if bn else (None, None)
         tb.sn_backward_input(x, dy, stats, mixed, grads, bn_mean, t, k, gamma, ddof)
         saved = BNSaved(torch.empty(c, **f32), mean_c, var_c)

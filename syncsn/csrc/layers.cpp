@@ -3,7 +3,8 @@
 // (N, C) / (C,) arithmetic around it, in double, written as loops so that one call replaces
 // the dozens of small tensor operations of the reference backend
 // (syncsn/kernels/reference.py), whose math and argument names they follow. The merge of the
-// gathered statistics is not here: every rank computes it with the reference backend.
+// gathered statistics follows the reference's order of operations so that both give the same
+// bits: every rank must agree on it, whichever backend it runs.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -84,11 +85,27 @@ class Values {
   int64_t step_ = 0;
 };
 
-// Mixing weights over (IN, LN, BN) in double, renormalised (reference._simplex64).
-std::array<double, 3> simplex(const Tensor& w, const char* name) {
+// The mixing weights over (IN, LN, BN) in double (functional.mixing_weights64): the softmax
+// of `w` when it holds logits (-inf for a scope the layer lacks), else `w` renormalised.
+std::array<double, 3> mixing_weights(const Tensor& w, bool logits, const char* name) {
   const Values values(w, 3, name);
-  const double total = values[0] + values[1] + values[2];
-  return {values[0] / total, values[1] / total, values[2] / total};
+  std::array<double, 3> p = {values[0], values[1], values[2]};
+  if (logits) {
+    const double top = std::max({p[0], p[1], p[2]});
+    for (double& e : p) {
+      e = std::exp(e - top);
+    }
+  }
+  const double total = p[0] + p[1] + p[2];
+  return {p[0] / total, p[1] / total, p[2] / total};
+}
+
+// d loss / d logits from d loss / d softmax(logits) (functional.logit_grads).
+void to_logit_grads(double grad[3], const std::array<double, 3>& p) {
+  const double dot = grad[0] * p[0] + grad[1] * p[1] + grad[2] * p[2];
+  for (int k = 0; k < 3; ++k) {
+    grad[k] = p[k] * (grad[k] - dot);
+  }
 }
 
 // A new contiguous tensor of `type` (double or float, else converted) holding `data`.
@@ -217,12 +234,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sn_output(
     const Tensor& x, const Tensor& centre, const Tensor& mean, const Tensor& var,
     const Tensor& ln_mean, const Tensor& ln_var, const OptionalTensor& bn_mean,
     const OptionalTensor& bn_var, const Tensor& w, const Tensor& v, const OptionalTensor& weight,
-    const OptionalTensor& bias, double eps) {
+    const OptionalTensor& bias, double eps, bool logits) {
   const Planes p = planes_of(x);
   const int64_t c = p.c;
   const SNScopes in(p, centre, mean, var, ln_mean, ln_var, bn_mean, bn_var);
-  const auto wk = simplex(w, "w");
-  const auto vk = simplex(v, "v");
+  const auto wk = mixing_weights(w, logits, "w");
+  const auto vk = mixing_weights(v, logits, "v");
   const Values gamma(weight, c, 1.0, "weight");
   const Values beta(bias, c, 0.0, "bias");
   auto [mixed_mean, mu] = new_doubles({p.n, c}, x);
@@ -256,7 +273,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_backward_r
     const Tensor& var, const Tensor& ln_mean, const Tensor& ln_var, const Tensor& mixed_mean,
     const Tensor& mixed_var, const Tensor& rstd, const OptionalTensor& bn_mean,
     const OptionalTensor& bn_var, const Tensor& w, const Tensor& v, const OptionalTensor& weight,
-    int64_t ddof) {
+    int64_t ddof, bool logits) {
   const Planes p = planes_of(x);
   const int64_t n = p.n;
   const int64_t c = p.c;
@@ -264,8 +281,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_backward_r
   const Values m(mixed_mean, n * c, "mixed_mean");
   const Values sigma2(mixed_var, n * c, "mixed_var");
   const Values r(rstd, n * c, "rstd");
-  const auto wk = simplex(w, "w");
-  const auto vk = simplex(v, "v");
+  const auto wk = mixing_weights(w, logits, "w");
+  const auto vk = mixing_weights(v, logits, "v");
   const Values gamma(weight, c, 1.0, "weight");
 
   const Tensor dy = like_planes(dy_in, x, p);
@@ -324,6 +341,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_backward_r
         sums[c + j] += vk[2] * g_var[i];
       }
     }
+  }
+  if (logits) {
+    to_logit_grads(dw, wk);
+    to_logit_grads(dv, vk);
   }
   auto [grad_weight, grad_bias] = parameter_grads(dweight, dbias, weight, x);
   return {
@@ -487,6 +508,141 @@ Tensor bn_backward_input(
       {k_dy.data(), 0});
 }
 
+// --- the shared merge ---------------------------------------------------------------------
+// Its results must be the reference's bits, so no multiply-add is fused into one rounding.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
+// The bits of interface.Flags.
+constexpr int32_t kNonFinite = 1;
+constexpr int32_t kOverflow = 2;
+constexpr int32_t kTooFew = 4;
+
+// (1 - factor) * running + factor * batch in double, rounded to the buffer's type as
+// Tensor.to() rounds (reference functional.fold_running).
+template <typename T>
+bool fold_into(const T* running, const double* batch, double factor, std::vector<T>& out) {
+  bool finite = true;
+  for (size_t j = 0; j < out.size(); ++j) {
+    const double r = static_cast<double>(running[j]);
+    out[j] = static_cast<T>(r + factor * (batch[j] - r));
+    finite = finite && std::isfinite(static_cast<double>(out[j]));
+  }
+  return finite;
+}
+
+template <typename T>
+int32_t fold_running(
+    Tensor& running_mean, Tensor& running_var, const double* mean, const Doubles& unbiased,
+    double factor) {
+  T* rm = running_mean.mutable_data_ptr<T>();
+  T* rv = running_var.mutable_data_ptr<T>();
+  std::vector<T> new_mean(unbiased.size());
+  std::vector<T> new_var(unbiased.size());
+  const bool fits_mean = fold_into(rm, mean, factor, new_mean);
+  const bool fits_var = fold_into(rv, unbiased.data(), factor, new_var);
+  if (!(fits_mean && fits_var)) {
+    return kOverflow;
+  }
+  std::copy(new_mean.begin(), new_mean.end(), rm);
+  std::copy(new_var.begin(), new_var.end(), rv);
+  return 0;
+}
+
+// The Chan merge of the gathered (world, 1 + 2C) partials, the flags and the fold into the
+// running statistics (interface.Backend.merge).
+std::tuple<Tensor, Tensor, Tensor, Tensor> merge(
+    const Tensor& gathered, int64_t ddof, const OptionalTensor& running_mean,
+    const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
+    std::optional<double> momentum, int64_t running_ddof) {
+  TORCH_CHECK(
+      gathered.dim() == 2 && gathered.scalar_type() == at::kDouble && gathered.size(1) % 2 == 1,
+      "syncsn_cpp: merge expects (world, 1 + 2C) float64 partials, got ",
+      gathered.scalar_type(), " of shape ", gathered.sizes());
+  const Tensor parts = gathered.contiguous();
+  const double* g = parts.const_data_ptr<double>();
+  const int64_t world = parts.size(0);
+  const int64_t width = parts.size(1);
+  const int64_t c = (width - 1) / 2;
+
+  double n = 0.0;
+  for (int64_t r = 0; r < world; ++r) {
+    n += g[r * width];
+  }
+  auto [mean_t, mean] = new_doubles({c}, parts);
+  auto [var_t, var] = new_doubles({c}, parts);
+  Doubles m2(c, 0.0);
+  for (int64_t r = 0; r < world; ++r) {
+    for (int64_t j = 0; j < c; ++j) {
+      mean[j] += g[r * width] * g[r * width + 1 + j];
+    }
+  }
+  const double denominator = std::max(n, 1.0);
+  bool finite = true;
+  for (int64_t j = 0; j < c; ++j) {
+    mean[j] /= denominator;
+    for (int64_t r = 0; r < world; ++r) {
+      const double d = g[r * width + 1 + j] - mean[j];
+      m2[j] += g[r * width + 1 + c + j] + g[r * width] * (d * d);
+    }
+    var[j] = m2[j] / std::max(n - static_cast<double>(ddof), 1.0);
+    finite = finite && std::isfinite(mean[j]) && std::isfinite(m2[j]);
+  }
+  const bool enough = n >= 2.0;
+  int32_t flags = (finite ? 0 : kNonFinite) | ((n > 0.0 && !enough) ? kTooFew : 0);
+
+  if (given(running_mean) && given(running_var) && finite && enough) {
+    Tensor rm = *running_mean;
+    Tensor rv = *running_var;
+    TORCH_CHECK(
+        rm.is_contiguous() && rv.is_contiguous() && rm.numel() == c && rv.numel() == c &&
+            rm.scalar_type() == rv.scalar_type(),
+        "syncsn_cpp: merge expects contiguous (C,) running statistics of one dtype, got ",
+        rm.scalar_type(), " ", rm.sizes(), " and ", rv.scalar_type(), " ", rv.sizes());
+    double factor = momentum.value_or(0.0);
+    if (!momentum.has_value()) {
+      TORCH_CHECK(
+          given(num_batches_tracked),
+          "merge: momentum=None (cumulative average) needs num_batches_tracked, got None");
+      // Read from memory, not with item(): the dispatcher sees no host read of a tensor.
+      const Tensor tracked = num_batches_tracked->to(at::kLong);
+      const double done = static_cast<double>(*tracked.const_data_ptr<int64_t>() + 1);
+      factor = 1.0 / std::max(done, 1.0);
+    }
+    Doubles unbiased(c);
+    const double unbiased_denominator = std::max(n - static_cast<double>(running_ddof), 1.0);
+    for (int64_t j = 0; j < c; ++j) {
+      unbiased[j] = m2[j] / unbiased_denominator;
+    }
+    int32_t overflow = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "merge", [&] {
+      overflow = fold_running<scalar_t>(rm, rv, mean, unbiased, factor);
+    });
+    flags |= overflow;
+    if (overflow == 0 && given(num_batches_tracked)) {
+      Tensor tracked = *num_batches_tracked;
+      if (tracked.scalar_type() == at::kLong && tracked.numel() == 1) {
+        *tracked.mutable_data_ptr<int64_t>() += 1;
+      } else {
+        tracked.add_(1);
+      }
+    }
+  }
+  auto count = at::empty({}, parts.options());
+  *count.mutable_data_ptr<double>() = n;
+  auto flag_tensor = at::empty({}, parts.options().dtype(at::kInt));
+  *flag_tensor.mutable_data_ptr<int32_t>() = flags;
+  return {count, mean_t, var_t, flag_tensor};
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 }  // namespace
 }  // namespace syncsn
 
@@ -499,19 +655,23 @@ TORCH_LIBRARY(syncsn_cpp, m) {
   m.def(
       "sn_output(Tensor x, Tensor centre, Tensor mean, Tensor var, Tensor ln_mean, "
       "Tensor ln_var, Tensor? bn_mean, Tensor? bn_var, Tensor w, Tensor v, Tensor? weight, "
-      "Tensor? bias, float eps) -> (Tensor y, Tensor mixed_mean, Tensor mixed_var, "
-      "Tensor rstd)");
+      "Tensor? bias, float eps, bool logits) -> (Tensor y, Tensor mixed_mean, "
+      "Tensor mixed_var, Tensor rstd)");
   m.def(
       "sn_backward_reduce(Tensor x, Tensor dy, Tensor centre, Tensor mean, Tensor var, "
       "Tensor ln_mean, Tensor ln_var, Tensor mixed_mean, Tensor mixed_var, Tensor rstd, "
-      "Tensor? bn_mean, Tensor? bn_var, Tensor w, Tensor v, Tensor? weight, int ddof) -> "
-      "(Tensor totals, Tensor grad_mean, Tensor grad_var, Tensor grad_w, Tensor grad_v, "
+      "Tensor? bn_mean, Tensor? bn_var, Tensor w, Tensor v, Tensor? weight, int ddof, "
+      "bool logits) -> (Tensor totals, Tensor grad_mean, Tensor grad_var, Tensor grad_w, Tensor grad_v, "
       "Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "sn_backward_input(Tensor x, Tensor dy, Tensor centre, Tensor mean, Tensor rstd, "
       "Tensor grad_mean, Tensor grad_var, Tensor? bn_mean, Tensor? totals, Tensor? count, "
       "Tensor? weight, int ddof) -> Tensor dx");
   m.def("bn_stats(Tensor x) -> (Tensor centre, Tensor partials)");
+  m.def(
+      "merge(Tensor gathered, int ddof, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, float? momentum, int running_ddof) -> (Tensor count, "
+      "Tensor mean, Tensor var, Tensor flags)");
   m.def(
       "bn_output(Tensor x, Tensor centre, Tensor mean, Tensor var, Tensor? weight, "
       "Tensor? bias, float eps) -> (Tensor y, Tensor saved_centre, Tensor saved_mean, "
@@ -524,13 +684,26 @@ TORCH_LIBRARY(syncsn_cpp, m) {
       "Tensor? weight, Tensor totals, Tensor count) -> Tensor dx");
 }
 
-TORCH_LIBRARY_IMPL(syncsn_cpp, CPU, m) {
+// The same functions at the CPU and the autograd dispatch keys: the layers' autograd
+// Functions own the derivatives and call these under no_grad, so the autograd key goes
+// straight to the kernel instead of through the fallback, which inspects every argument and
+// redispatches (a few microseconds a call, as much as a small layer's arithmetic).
+void register_kernels(torch::Library& m) {
   m.impl("sn_stats", &syncsn::sn_stats);
   m.impl("sn_output", &syncsn::sn_output);
   m.impl("sn_backward_reduce", &syncsn::sn_backward_reduce);
   m.impl("sn_backward_input", &syncsn::sn_backward_input);
   m.impl("bn_stats", &syncsn::bn_stats);
+  m.impl("merge", &syncsn::merge);
   m.impl("bn_output", &syncsn::bn_output);
   m.impl("bn_backward_reduce", &syncsn::bn_backward_reduce);
   m.impl("bn_backward_input", &syncsn::bn_backward_input);
+}
+
+TORCH_LIBRARY_IMPL(syncsn_cpp, CPU, m) {
+  register_kernels(m);
+}
+
+TORCH_LIBRARY_IMPL(syncsn_cpp, AutogradCPU, m) {
+  register_kernels(m);
 }

@@ -15,16 +15,18 @@ layout it has no kernel for, an empty batch) hands that call to the reference ba
 The merge of the gathered statistics and the running-statistics update decide what every
 rank must agree on bitwise, so they are not chosen per call but per device type
 (:func:`shared_backend`): ranks on the same device type compute them alike whatever backend
-runs their passes.
+runs their passes. On CPU that is the C++ merge when the kernels are built (it follows the
+reference's order of operations and gives the same bits), on CUDA the Triton one.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 from collections.abc import Callable
 
 from torch import Tensor
 
+from .. import _env
 from .interface import Backend
 from .reference import ReferenceBackend
 
@@ -49,7 +51,7 @@ _FACTORIES: dict[str, Callable[[], Backend]] = {
     "triton": _triton,
 }
 NAMES = ("auto", *_FACTORIES)
-_AUTO = {"cpu": ("cpp",), "cuda": ("triton",)}
+_SHARED = {"cpu": "cpp", "cuda": "triton"}
 _instances: dict[str, Backend] = {}
 
 REFERENCE = ReferenceBackend()
@@ -66,9 +68,14 @@ def get(name: str) -> Backend:
 
 def requested() -> str:
     """The backend asked for by the environment: ``SYNCSN_BACKEND``, else ``SYNCSN_NATIVE``."""
-    name = os.environ.get("SYNCSN_BACKEND", "").strip().lower()
+    return _parse_request(_env.get("SYNCSN_BACKEND"), _env.get("SYNCSN_NATIVE"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_request(backend: str | None, native: str | None) -> str:
+    name = (backend or "").strip().lower()
     if not name:
-        return "torch" if os.environ.get("SYNCSN_NATIVE", "1").strip() == "0" else "auto"
+        return "torch" if (native or "1").strip() == "0" else "auto"
     if name not in NAMES:
         raise ValueError(f"SYNCSN_BACKEND must be one of {', '.join(NAMES)}, got {name!r}")
     return name
@@ -78,7 +85,8 @@ def passes_backend(x: Tensor, *params: Tensor | None) -> Backend:
     """The backend that runs the full-size passes over ``x`` with these parameters."""
     name = requested()
     if name == "auto":
-        for candidate in _AUTO.get(x.device.type, ()):
+        candidate = "cpp" if x.is_cpu else "triton" if x.is_cuda else None
+        if candidate is not None:
             backend = get(candidate)
             if backend.available() and backend.covers(x, *params):
                 return backend
@@ -94,8 +102,9 @@ def passes_backend(x: Tensor, *params: Tensor | None) -> Backend:
 
 def shared_backend(device_type: str) -> Backend:
     """The backend of the steps every rank must compute alike, for this device type."""
-    if device_type == "cuda":
-        backend = get("triton")
+    shared = _SHARED.get(device_type)
+    if shared is not None:
+        backend = get(shared)
         if backend.available():
             return backend
     return REFERENCE

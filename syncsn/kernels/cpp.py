@@ -5,7 +5,8 @@ cannot be built the reference backend runs instead. Each takes and returns the i
 tensors under the interface's names (their schemas: ``torch.ops.syncsn_cpp.<step>``), fusing
 a full-size pass with the small per-(n, c) and per-channel math around it. They cover
 non-empty CPU input of any floating dtype, (N, C) or (N, C, *S), contiguous or (4-D / 5-D)
-channels-last, with float32 / float64 parameters. The merge is the shared backend's step.
+channels-last, with float32 / float64 parameters. Its merge is the shared CPU merge
+(:func:`syncsn.kernels.shared_backend`), which also runs under the other backends.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .interface import Backend, BNSaved, SNGrads, SNMixed, SNStats
+from .interface import Backend, BatchMoments, BNSaved, SNGrads, SNMixed, SNStats
 
 __all__ = ["CppBackend"]
 
@@ -30,15 +31,16 @@ def _dense(x: Tensor) -> bool:
     return fmt is not None and x.is_contiguous(memory_format=fmt)
 
 
+# The operators' namespace; they exist once _native.kernels() has loaded the library, which
+# available() does before any step is chosen.
+_LIB = torch.ops.syncsn_cpp
+
+
 class CppBackend(Backend):
     name = "cpp"
 
-    @staticmethod
-    def _ops():
-        return _native.kernels()
-
     def available(self) -> bool:
-        return self._ops() is not None
+        return _native.kernels() is not None
 
     def unavailable_reason(self) -> str:
         if not _native.enabled():
@@ -48,41 +50,54 @@ class CppBackend(Backend):
     def covers(self, x: Tensor, *params: Tensor | None) -> bool:
         if not x.is_cpu or x.dtype not in _DTYPES or x.numel() == 0 or not _dense(x):
             return False
-        return all(p is None or (p.is_cpu and p.dtype in _PARAM_DTYPES) for p in params)
+        for p in params:
+            if p is not None and not (p.is_cpu and p.dtype in _PARAM_DTYPES):
+                return False
+        return True
 
-    def merge(self, *args, **kwargs):
-        raise NotImplementedError("the merge is the shared backend's step")
+    def merge(
+        self, gathered, ddof, running_mean, running_var, num_batches_tracked, momentum,
+        running_ddof,
+    ):  # fmt: skip
+        return BatchMoments(
+            *_LIB.merge(
+                gathered, ddof, running_mean, running_var, num_batches_tracked, momentum,
+                running_ddof,
+            )
+        )  # fmt: skip
 
     def sn_stats(self, x, ddof):
-        *stats, partials = self._ops().sn_stats(x, ddof)
+        *stats, partials = _LIB.sn_stats(x, ddof)
         return SNStats(*stats), partials
 
-    def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps):
-        y, *mixed = self._ops().sn_output(x, *stats, bn_mean, bn_var, w, v, weight, bias, eps)
+    def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits):
+        y, *mixed = _LIB.sn_output(x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits)
         return y, SNMixed(*mixed)
 
-    def sn_backward_reduce(self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof):
+    def sn_backward_reduce(
+        self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits
+    ):  # fmt: skip
         return SNGrads(
-            *self._ops().sn_backward_reduce(
-                x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof
+            *_LIB.sn_backward_reduce(
+                x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof, logits
             )
         )
 
     def sn_backward_input(self, x, dy, stats, mixed, grads, bn_mean, totals, count, weight, ddof):
-        return self._ops().sn_backward_input(
+        return _LIB.sn_backward_input(
             x, dy, stats.centre, stats.mean, mixed.rstd, grads.grad_mean, grads.grad_var,
             bn_mean, totals, count, weight, ddof,
         )  # fmt: skip
 
     def bn_stats(self, x):
-        return tuple(self._ops().bn_stats(x))
+        return tuple(_LIB.bn_stats(x))
 
     def bn_output(self, x, centre, mean, var, weight, bias, eps):
-        y, *saved = self._ops().bn_output(x, centre, mean, var, weight, bias, eps)
+        y, *saved = _LIB.bn_output(x, centre, mean, var, weight, bias, eps)
         return y, BNSaved(*saved)
 
     def bn_backward_reduce(self, x, dy, saved, weight):
-        return tuple(self._ops().bn_backward_reduce(x, dy, *saved, weight))
+        return tuple(_LIB.bn_backward_reduce(x, dy, *saved, weight))
 
     def bn_backward_input(self, x, dy, saved, weight, totals, count):
-        return self._ops().bn_backward_input(x, dy, *saved, weight, totals, count)
+        return _LIB.bn_backward_input(x, dy, *saved, weight, totals, count)

@@ -175,11 +175,15 @@ class Backend:
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        logits: bool,
     ) -> tuple[Tensor, SNMixed]:
         """Mix the scopes and normalize: y = weight * (x - mu) * rstd + bias.
 
         ``bn_mean``, ``bn_var`` (C,) float64 are the BN scope (batch or running statistics),
-        None when the layer has none (then w[2] and v[2] are ignored).
+        None when the layer has none (then w[2] and v[2] are ignored). ``w``, ``v`` (3,) are
+        the mixing weights on the simplex, or with ``logits`` the logits whose softmax they
+        are (-inf for a scope the layer lacks): SN's softmax is then computed here rather
+        than as separate operations.
         """
         raise NotImplementedError
 
@@ -195,9 +199,12 @@ class Backend:
         v: Tensor,
         weight: Tensor | None,
         ddof: int,
+        logits: bool,
     ) -> SNGrads:
         """The backward reduction pass (sum dy, sum dy * (x - centre) per (n, c)) and the
-        small math up to the backward collective (which sums ``totals`` over the ranks)."""
+        small math up to the backward collective (which sums ``totals`` over the ranks).
+        ``grad_w``, ``grad_v`` are the gradients of ``w``, ``v`` as :meth:`sn_output` took
+        them: of the logits with ``logits``."""
         raise NotImplementedError
 
     def sn_backward_input(

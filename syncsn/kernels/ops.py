@@ -4,7 +4,8 @@ Each step is an op in the ``syncsn`` namespace with a fake (meta) implementation
 dynamo, AOTAutograd and ``torch.export`` trace through a layer without running it; the real
 implementation picks the backend at run time (:func:`syncsn.kernels.passes_backend`). The
 Python functions below wrap each op and pack its outputs into the interface's named
-structures; the autograd Functions call these and nothing else.
+structures. The autograd Functions reach the steps through :func:`steps` and :func:`merge`,
+which in plain eager mode call the backend directly instead.
 
 Autograd is not registered on these ops: the layers' ``torch.autograd.Function`` owns the
 derivative and calls the backward steps itself, so a double backward through a layer is an
@@ -13,13 +14,18 @@ error (see :mod:`syncsn.function`).
 
 from __future__ import annotations
 
+import sys
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
 from . import passes_backend, shared_backend
-from .interface import BatchMoments, BNSaved, SNGrads, SNMixed, SNStats, acc_dtype
+from .interface import Backend, BatchMoments, BNSaved, SNGrads, SNMixed, SNStats, acc_dtype
 
 __all__ = [
+    "plain_eager",
+    "steps",
     "merge",
     "sn_stats",
     "sn_output",
@@ -34,34 +40,28 @@ __all__ = [
 _F64 = torch.float64
 
 
-def _custom_op(name: str, mutates_args: tuple[str, ...] | str):
-    """``torch.library.custom_op``, keeping the undecorated implementation for :func:`_call`."""
-
-    def register(fn):
-        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
-        op.implementation = fn
-        return op
-
-    return register
-
-
-def _plain_eager() -> bool:
+def plain_eager() -> bool:
     """No compiler, tracer, dispatch mode or functorch transform is watching."""
     return not (
         torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
+        or torch._C._is_tracing()  # torch.jit.is_tracing() without its scripting check
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._are_functorch_transforms_active()
     )
 
 
-def _call(op, *args):
-    """Run a step: through the dispatcher when something traces or watches the call, else
-    its implementation directly, which saves the dispatcher round trip (tens of
-    microseconds a step, the bulk of a small layer's time) and changes nothing else."""
-    if _plain_eager():
-        return op.implementation(*args)
-    return op(*args)
+def steps(eager: bool, x: Tensor, *params: Tensor | None) -> Backend | ModuleType:
+    """What one layer call runs its full-size steps through (``steps(...).sn_stats(...)``).
+
+    In plain eager mode (``eager``, from :func:`plain_eager`) it is the backend chosen for
+    ``x`` and these parameters, called directly: one choice per call and no dispatcher round
+    trip, which is most of a small layer's time. Otherwise it is this module, whose functions
+    go through the custom ops that compilers, tracers and dispatch modes see (each op then
+    chooses its backend when it runs). Both have the interface's signatures and results.
+    """
+    if eager:
+        return passes_backend(x, *params)
+    return sys.modules[__name__]
 
 
 def _nc(x: Tensor, dtype: torch.dtype = _F64) -> Tensor:
@@ -85,7 +85,9 @@ def _like_x(x: Tensor) -> Tensor:
 # --- the shared merge ---------------------------------------------------------------------
 
 
-@_custom_op("syncsn::merge", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+@torch.library.custom_op(
+    "syncsn::merge", mutates_args=("running_mean", "running_var", "num_batches_tracked")
+)
 def _merge(
     gathered: Tensor,
     ddof: int,
@@ -121,20 +123,21 @@ def merge(
     num_batches_tracked: Tensor | None = None,
     momentum: float | None = 0.1,
     running_ddof: int = 0,
+    *,
+    eager: bool = False,
 ) -> BatchMoments:
-    """:meth:`Backend.merge <syncsn.kernels.interface.Backend.merge>`."""
-    return BatchMoments(
-        *_call(_merge,
-            gathered, ddof, running_mean, running_var, num_batches_tracked, momentum,
-            running_ddof,
-        )
-    )  # fmt: skip
+    """:meth:`Backend.merge <syncsn.kernels.interface.Backend.merge>`, on the shared backend
+    of the partials' device type; with ``eager`` (see :func:`steps`) called directly."""
+    args = (gathered, ddof, running_mean, running_var, num_batches_tracked, momentum, running_ddof)
+    if eager:
+        return shared_backend(gathered.device.type).merge(*args)
+    return BatchMoments(*_merge(*args))
 
 
 # --- Switchable Normalization -------------------------------------------------------------
 
 
-@_custom_op("syncsn::sn_stats", mutates_args=())
+@torch.library.custom_op("syncsn::sn_stats", mutates_args=())
 def _sn_stats(x: Tensor, ddof: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     stats, partials = passes_backend(x).sn_stats(x, ddof)
     return (*stats, partials)
@@ -152,11 +155,11 @@ def _(x, ddof):
 
 def sn_stats(x: Tensor, ddof: int) -> tuple[SNStats, Tensor]:
     """:meth:`Backend.sn_stats <syncsn.kernels.interface.Backend.sn_stats>`."""
-    *stats, partials = _call(_sn_stats, x, ddof)
+    *stats, partials = _sn_stats(x, ddof)
     return SNStats(*stats), partials
 
 
-@_custom_op("syncsn::sn_output", mutates_args=())
+@torch.library.custom_op("syncsn::sn_output", mutates_args=())
 def _sn_output(
     x: Tensor,
     centre: Tensor,
@@ -171,15 +174,16 @@ def _sn_output(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
+    logits: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     stats = SNStats(centre, mean, var, ln_mean, ln_var)
     backend = passes_backend(x, weight, bias)
-    y, mixed = backend.sn_output(x, stats, bn_mean, bn_var, w, v, weight, bias, eps)
+    y, mixed = backend.sn_output(x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits)
     return (y, *mixed)
 
 
 @_sn_output.register_fake
-def _(x, centre, mean, var, ln_mean, ln_var, bn_mean, bn_var, w, v, weight, bias, eps):
+def _(x, centre, mean, var, ln_mean, ln_var, bn_mean, bn_var, w, v, weight, bias, eps, logits):
     return _like_x(x), _nc(x), _nc(x), _nc(x)
 
 
@@ -193,13 +197,14 @@ def sn_output(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
+    logits: bool,
 ) -> tuple[Tensor, SNMixed]:
     """:meth:`Backend.sn_output <syncsn.kernels.interface.Backend.sn_output>`."""
-    y, *mixed = _call(_sn_output, x, *stats, bn_mean, bn_var, w, v, weight, bias, eps)
+    y, *mixed = _sn_output(x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits)
     return y, SNMixed(*mixed)
 
 
-@_custom_op("syncsn::sn_backward_reduce", mutates_args=())
+@torch.library.custom_op("syncsn::sn_backward_reduce", mutates_args=())
 def _sn_backward_reduce(
     x: Tensor,
     dy: Tensor,
@@ -217,18 +222,19 @@ def _sn_backward_reduce(
     v: Tensor,
     weight: Tensor | None,
     ddof: int,
+    logits: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     stats = SNStats(centre, mean, var, ln_mean, ln_var)
     mixed = SNMixed(mixed_mean, mixed_var, rstd)
     grads = passes_backend(x, weight).sn_backward_reduce(
-        x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof
+        x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits
     )
     return tuple(grads)  # type: ignore[return-value]
 
 
 @_sn_backward_reduce.register_fake
 def _(x, dy, centre, mean, var, ln_mean, ln_var, mixed_mean, mixed_var, rstd, bn_mean, bn_var,
-      w, v, weight, ddof):  # fmt: skip
+      w, v, weight, ddof, logits):  # fmt: skip
     return (
         _c(x, 2), _nc(x), _nc(x), torch.empty_like(w), torch.empty_like(v),
         _param_grad(x, weight), _param_grad(x, weight),
@@ -246,15 +252,16 @@ def sn_backward_reduce(
     v: Tensor,
     weight: Tensor | None,
     ddof: int,
+    logits: bool,
 ) -> SNGrads:
     """:meth:`Backend.sn_backward_reduce
     <syncsn.kernels.interface.Backend.sn_backward_reduce>`."""
     return SNGrads(
-        *_call(_sn_backward_reduce, x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof)
+        *_sn_backward_reduce(x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof, logits)
     )
 
 
-@_custom_op("syncsn::sn_backward_input", mutates_args=())
+@torch.library.custom_op("syncsn::sn_backward_input", mutates_args=())
 def _sn_backward_input(
     x: Tensor,
     dy: Tensor,
@@ -303,7 +310,7 @@ def sn_backward_input(
 ) -> Tensor:
     """:meth:`Backend.sn_backward_input
     <syncsn.kernels.interface.Backend.sn_backward_input>`."""
-    return _call(_sn_backward_input,
+    return _sn_backward_input(
         x, dy, *stats, *mixed, grads.grad_mean, grads.grad_var, bn_mean, totals, count,
         weight, ddof,
     )  # fmt: skip
@@ -312,7 +319,7 @@ def sn_backward_input(
 # --- Batch Normalization ------------------------------------------------------------------
 
 
-@_custom_op("syncsn::bn_stats", mutates_args=())
+@torch.library.custom_op("syncsn::bn_stats", mutates_args=())
 def _bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     centre, partials = passes_backend(x).bn_stats(x)
     return centre, partials
@@ -325,10 +332,10 @@ def _(x):
 
 def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """:meth:`Backend.bn_stats <syncsn.kernels.interface.Backend.bn_stats>`."""
-    return _call(_bn_stats, x)
+    return _bn_stats(x)
 
 
-@_custom_op("syncsn::bn_output", mutates_args=())
+@torch.library.custom_op("syncsn::bn_output", mutates_args=())
 def _bn_output(
     x: Tensor,
     centre: Tensor,
@@ -361,11 +368,11 @@ def bn_output(
     eps: float,
 ) -> tuple[Tensor, BNSaved]:
     """:meth:`Backend.bn_output <syncsn.kernels.interface.Backend.bn_output>`."""
-    y, *saved = _call(_bn_output, x, centre, mean, var, weight, bias, eps)
+    y, *saved = _bn_output(x, centre, mean, var, weight, bias, eps)
     return y, BNSaved(*saved)
 
 
-@_custom_op("syncsn::bn_backward_reduce", mutates_args=())
+@torch.library.custom_op("syncsn::bn_backward_reduce", mutates_args=())
 def _bn_backward_reduce(
     x: Tensor, dy: Tensor, centre: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -383,10 +390,10 @@ def bn_backward_reduce(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:meth:`Backend.bn_backward_reduce
     <syncsn.kernels.interface.Backend.bn_backward_reduce>`."""
-    return _call(_bn_backward_reduce, x, dy, *saved, weight)
+    return _bn_backward_reduce(x, dy, *saved, weight)
 
 
-@_custom_op("syncsn::bn_backward_input", mutates_args=())
+@torch.library.custom_op("syncsn::bn_backward_input", mutates_args=())
 def _bn_backward_input(
     x: Tensor,
     dy: Tensor,
@@ -411,4 +418,4 @@ def bn_backward_input(
 ) -> Tensor:
     """:meth:`Backend.bn_backward_input
     <syncsn.kernels.interface.Backend.bn_backward_input>`."""
-    return _call(_bn_backward_input, x, dy, *saved, weight, totals, count)
+    return _bn_backward_input(x, dy, *saved, weight, totals, count)

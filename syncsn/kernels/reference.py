@@ -17,13 +17,6 @@ from .interface import Backend, BatchMoments, BNSaved, Flags, SNGrads, SNMixed, 
 __all__ = ["ReferenceBackend"]
 
 
-def _simplex64(w: Tensor) -> Tensor:
-    """Mixing weights in float64, renormalised: float32 softmax weights sum to 1 only within
-    ~1e-7, which shifts a mean of 1e4 by 1e-3 (more than a std-1 input tolerates)."""
-    w = w.double()
-    return w / w.sum()
-
-
 def _gamma(weight: Tensor | None, like: Tensor) -> Tensor:
     return like.new_ones(()) if weight is None else weight.double()
 
@@ -117,8 +110,8 @@ class ReferenceBackend(Backend):
         ln_mean, ln_var = F.layer_moments(mean, var, ddof)
         return SNStats(centre, mean, var, ln_mean, ln_var), F.sample_partials(mean, var)
 
-    def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps):
-        w64, v64 = _simplex64(w), _simplex64(v)
+    def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits):
+        w64, v64 = F.mixing_weights64(w, logits), F.mixing_weights64(v, logits)
         has_bn = bn_mean is not None and bn_var is not None
         mu = F.mix(w64, [stats.mean, stats.ln_mean[:, None], bn_mean[None] if has_bn else None])
         var = F.mix(v64, [stats.var, stats.ln_var[:, None], bn_var[None] if has_bn else None])
@@ -129,9 +122,11 @@ class ReferenceBackend(Backend):
             shift = shift + bias.double()
         return _affine(x, stats.centre, scale, shift), SNMixed(mu, var, rstd)
 
-    def sn_backward_reduce(self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof):
+    def sn_backward_reduce(
+        self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits
+    ):  # fmt: skip
         c = x.shape[1]
-        w64, v64 = _simplex64(w), _simplex64(v)
+        w64, v64 = F.mixing_weights64(w, logits), F.mixing_weights64(v, logits)
         gamma = _gamma(weight, mixed.rstd)
         s1, s2c = F.centred_sums(x, stats.centre, dy)
         s2 = s2c + (stats.centre.double() - mixed.mean) * s1  # sum dy * (x - mu)
@@ -160,6 +155,8 @@ class ReferenceBackend(Backend):
         grad_v = torch.stack(
             [zero if s is None else (g_var * (s - mixed.var)).sum() for s in scope_vars]
         )
+        if logits:
+            grad_w, grad_v = F.logit_grads(grad_w, w64), F.logit_grads(grad_v, v64)
         if weight is None:
             grad_weight, grad_bias = _empty_like_param(weight, x), _empty_like_param(weight, x)
         else:

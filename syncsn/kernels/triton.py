@@ -400,6 +400,7 @@ class TritonBackend(Backend):
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        logits: bool,
     ) -> tuple[Tensor, SNMixed]:
         plan, n, c, length = self._plan(x)
         sx = _ncl(x)
@@ -421,7 +422,7 @@ class TritonBackend(Backend):
                 bias.contiguous() if bias is not None else dummy,
                 _bits(eps), *mixed, plan.num_cb, plan.rows, plan.chunks, plan.chunk_len,
                 HAS_BN=has_bn, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                WIDE=_wide(c, length, sx, sy), **plan.blocks(),
+                LOGITS=logits, WIDE=_wide(c, length, sx, sy), **plan.blocks(),
             )  # fmt: skip
         return y, SNMixed(*mixed)
 
@@ -437,6 +438,7 @@ class TritonBackend(Backend):
         v: Tensor,
         weight: Tensor | None,
         ddof: int,
+        logits: bool,
     ) -> SNGrads:
         plan, n, c, length = self._plan(x)
         sx = _ncl(x)
@@ -472,7 +474,8 @@ class TritonBackend(Backend):
                 grad_weight if weight is not None else dummy,
                 grad_bias if weight is not None else dummy,
                 *plan.launch_args(), plan.num_groups, ddof,
-                HAS_BN=has_bn, HAS_WEIGHT=weight is not None, WIDE=_wide(c, length, sx, sd),
+                HAS_BN=has_bn, HAS_WEIGHT=weight is not None, LOGITS=logits,
+                WIDE=_wide(c, length, sx, sd),
                 **plan.blocks(), **plan.finalize(),
             )  # fmt: skip
         return SNGrads(totals, grad_mean, grad_var, grad_w, grad_v, grad_weight, grad_bias)

@@ -407,11 +407,17 @@ def _folded(
 
 
 @triton.jit
-def _simplex(w_ptr):
-    """The three mixing weights in float64, renormalised to sum to 1."""
+def _mixing(w_ptr, LOGITS: tl.constexpr):
+    """The three mixing weights in float64 (functional.mixing_weights64): the softmax of
+    logits (-inf for a scope the layer lacks), or weights renormalised to sum to 1."""
     w0 = tl.load(w_ptr).to(tl.float64)
     w1 = tl.load(w_ptr + 1).to(tl.float64)
     w2 = tl.load(w_ptr + 2).to(tl.float64)
+    if LOGITS:
+        top = tl.maximum(tl.maximum(w0, w1), w2)
+        w0 = tl.exp(w0 - top)
+        w1 = tl.exp(w1 - top)
+        w2 = tl.exp(w2 - top)
     total = w0 + w1 + w2
     return w0 / total, w1 / total, w2 / total
 
@@ -431,9 +437,11 @@ def sn_output_kernel(
     mix_mean_ptr, mix_var_ptr, rstd_ptr,
     num_cb, rows, chunks, chunk_len,
     HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
+    LOGITS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):  # fmt: skip
-    """Prologue: mix the scopes of each (n, c) (float64); then y = (x - centre) a + b."""
+    """Prologue: the mixing weights, and the scopes of each (n, c) mixed (float64); then
+    y = (x - centre) a + b."""
     pid = tl.program_id(0)
     chunk, cb, rb = _split_pid(pid, chunks, num_cb)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -442,8 +450,8 @@ def sn_output_kernel(
     l_hi = tl.minimum(l_lo + chunk_len, L)
     lanes = tl.arange(0, BLOCK_L)
     eps = _f64(eps_bits)
-    w0, w1, w2 = _simplex(w_ptr)
-    v0, v1, v2 = _simplex(v_ptr)
+    w0, w1, w2 = _mixing(w_ptr, LOGITS)
+    v0, v1, v2 = _mixing(v_ptr, LOGITS)
     gamma = _param(weight_ptr, c, cm, 1.0, HAS_WEIGHT)
     beta = _param(bias_ptr, c, cm, 0.0, HAS_BIAS)
     if HAS_BN:
@@ -589,9 +597,9 @@ def sn_reduce_kernel(
     totals_ptr, grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr, grad_weight_ptr,
     grad_bias_ptr,
     num_cb, rows, num_rb, chunks, chunk_len, num_groups, ddof,
-    HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_L: tl.constexpr, GROUP: tl.constexpr, FIN_N: tl.constexpr, FIN_CH: tl.constexpr,
-    WIDE: tl.constexpr, EVEN_C: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, LOGITS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, GROUP: tl.constexpr, FIN_N: tl.constexpr,
+    FIN_CH: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """SN's backward reduction and the small math up to the backward collective.
 
@@ -621,12 +629,12 @@ def sn_reduce_kernel(
             centre_ptr, mean_ptr, var_ptr, ln_mean_ptr, ln_var_ptr, mix_mean_ptr, mix_var_ptr,
             rstd_ptr, bn_mean_ptr, bn_var_ptr, w_ptr, v_ptr, weight_ptr,
             totals_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr, grad_bias_ptr,
-            HAS_BN, HAS_WEIGHT, GROUP, FIN_N, FIN_CH,
+            HAS_BN, HAS_WEIGHT, LOGITS, GROUP, FIN_N, FIN_CH,
         )  # fmt: skip
         if _arrive(cnt_ptr + num_groups, num_groups):
             _sn_reduce_rows(
                 rows_ws_ptr, gw_ws_ptr, N, C, num_groups, ddof, mean_ptr, ln_mean_ptr,
-                w_ptr, v_ptr, grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr,
+                w_ptr, v_ptr, grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr, LOGITS,
             )  # fmt: skip
 
 
@@ -636,15 +644,15 @@ def _sn_reduce_group(
     centre_ptr, mean_ptr, var_ptr, ln_mean_ptr, ln_var_ptr, mix_mean_ptr, mix_var_ptr,
     rstd_ptr, bn_mean_ptr, bn_var_ptr, w_ptr, v_ptr, weight_ptr,
     totals_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr, grad_bias_ptr,
-    HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, LOGITS: tl.constexpr, GROUP: tl.constexpr,
     FIN_N: tl.constexpr, FIN_CH: tl.constexpr,
 ):  # fmt: skip
     """Per (n, c) of one channel group: d loss / d mu and d loss / d var (stored in the
     gradient outputs, completed by :func:`_sn_reduce_rows`), and the per-channel sums."""
     cg = g * GROUP + tl.arange(0, GROUP)
     gm = cg < C
-    w0, w1, w2 = _simplex(w_ptr)
-    v0, v1, v2 = _simplex(v_ptr)
+    w0, w1, w2 = _mixing(w_ptr, LOGITS)
+    v0, v1, v2 = _mixing(v_ptr, LOGITS)
     gamma = _param(weight_ptr, cg, gm, 1.0, HAS_WEIGHT)
     if HAS_BN:
         bn_mean = tl.load(bn_mean_ptr + cg, mask=gm, other=0.0)
@@ -714,12 +722,13 @@ def _sn_reduce_group(
 @triton.jit
 def _sn_reduce_rows(
     rows_ws_ptr, gw_ws_ptr, N, C, num_groups, ddof, mean_ptr, ln_mean_ptr, w_ptr, v_ptr,
-    grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr,
+    grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr, LOGITS: tl.constexpr,
 ):  # fmt: skip
     """The LN terms of d loss / d (instance mean, variance), which need every channel of a
-    sample, and the switch-weight gradients from the groups' shares."""
-    w0, w1, w2 = _simplex(w_ptr)
-    v0, v1, v2 = _simplex(v_ptr)
+    sample, and the switch-weight gradients from the groups' shares (of the logits, through
+    softmax's vector-Jacobian product p * (g - <g, p>), with ``LOGITS``)."""
+    w0, w1, w2 = _mixing(w_ptr, LOGITS)
+    v0, v1, v2 = _mixing(v_ptr, LOGITS)
     r = tl.arange(0, _ROWS_R)
     q = tl.arange(0, _ROWS_G)
     lanes = tl.arange(0, _ROWS_C)
@@ -756,6 +765,13 @@ def _sn_reduce_rows(
         offs = tl.cast(g, tl.int64)[:, None] * 6 + k[None, :]
         shares += tl.load(gw_ws_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
     total = tl.sum(shares, 0)
+    if LOGITS:
+        # Lanes 0-2 hold the mean weights' gradients, 3-5 the variance weights'.
+        p = tl.where(k == 0, w0, tl.where(k == 1, w1, tl.where(k == 2, w2, 0.0)))
+        p = tl.where(k == 3, v0, tl.where(k == 4, v1, tl.where(k == 5, v2, p)))
+        dot_w = tl.sum(tl.where(k < 3, total * p, 0.0), 0)
+        dot_v = tl.sum(tl.where(k >= 3, total * p, 0.0), 0)
+        total = p * (total - tl.where(k < 3, dot_w, dot_v))
     tl.store(grad_w_ptr + k, total.to(grad_w_ptr.dtype.element_ty), mask=k < 3)
     tl.store(grad_v_ptr + (k - 3), total.to(grad_v_ptr.dtype.element_ty), mask=(k >= 3) & (k < 6))
 
