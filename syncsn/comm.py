@@ -21,7 +21,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _env
-from .kernels.ops import plain_eager
 
 __all__ = [
     "group_size",
@@ -513,19 +512,22 @@ def gather_partials(
     return torch.ops.syncsn.all_gather(buffer, group, world)
 
 
-def sum_totals(buffer: Tensor, group: str | None, *, layer: str | None = None) -> Tensor:
+def sum_totals(
+    buffer: Tensor, group: str | None, *, layer: str | None = None, eager: bool = False
+) -> Tensor:
     """The backward collective: ``buffer`` summed over the ranks (a new tensor).
 
     With ``SYNCSN_DEBUG=1`` the ranks first match up this call like a layer's forward (see
     :func:`check_same_layer`; ``layer`` names it in the reports), so a rank that skipped a
-    forward and went on to the backward pass is reported instead of hanging.
+    forward and went on to the backward pass is reported instead of hanging. ``eager`` as for
+    :func:`gather_partials`.
     """
     if group is None:
         return buffer
     if debug_enabled() and not torch.compiler.is_compiling():
         name = layer or f"a Sync layer ({buffer.numel()} values)"
         check_same_call(group, _BACKWARD, name, str(buffer.numel()))
-    if plain_eager():
+    if eager:
         return _sum(buffer, group)
     return torch.ops.syncsn.all_reduce(buffer, group)
 

@@ -104,10 +104,9 @@ def _batch_moments(
     return batch
 
 
-def _backward_steps(ctx, x: Tensor, weight: Tensor | None):
+def _backward_steps(ctx, x: Tensor, weight: Tensor | None, eager: bool):
     """The forward's backend when it was called directly and the backward is plain eager too,
     else :func:`~syncsn.kernels.ops.steps` anew."""
-    eager = ops.plain_eager()
     if eager and ctx.backend is not None:
         return ctx.backend
     return ops.steps(eager, x, weight)
@@ -168,14 +167,15 @@ class SwitchNormFunction(torch.autograd.Function):
         stats, mixed = SNStats(*rest[:5]), SNMixed(*rest[5:8])
         bn_mean, bn_var, count = rest[8:]
         call: LayerCall = ctx.call
-        steps = _backward_steps(ctx, x, weight)
+        eager = ops.plain_eager()
+        steps = _backward_steps(ctx, x, weight, eager)
         grads = steps.sn_backward_reduce(
             x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, call.ddof, call.logits
         )
         totals = None
         if ctx.batch_scope:
             # The backward collective: the BN scope's gradient sums over every rank.
-            totals = comm.sum_totals(grads.totals, call.group, layer=call.layer)
+            totals = comm.sum_totals(grads.totals, call.group, layer=call.layer, eager=eager)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = steps.sn_backward_input(
@@ -224,9 +224,10 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, centre, mean, rstd, count = ctx.saved_tensors
         saved = ops.BNSaved(centre, mean, rstd)
         call: LayerCall = ctx.call
-        steps = _backward_steps(ctx, x, weight)
+        eager = ops.plain_eager()
+        steps = _backward_steps(ctx, x, weight, eager)
         local, dweight, dbias = steps.bn_backward_reduce(x, dy, saved, weight)
-        totals = comm.sum_totals(local, call.group, layer=call.layer)
+        totals = comm.sum_totals(local, call.group, layer=call.layer, eager=eager)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = steps.bn_backward_input(x, dy, saved, weight, totals, count)

@@ -260,9 +260,8 @@ class _SwitchNorm(_BatchNorm):
         self._check_input(x)
         self._debug_check(x)
         w, v, use_bn, logits = self._forward_weights()
-        if self.scopes != ALL_SCOPES:
-            absent = -math.inf if logits else 0.0
-            w, v = on_all_scopes(w, self.scopes, absent), on_all_scopes(v, self.scopes, absent)
+        absent = -math.inf if logits else 0.0
+        w, v = on_all_scopes(w, self.scopes, absent), on_all_scopes(v, self.scopes, absent)
         # torch's rule: without tracked running statistics the BN scope is the batch's, in
         # eval mode too (where it is local: eval never communicates).
         tracked = self.track_running_stats and self.running_mean is not None

@@ -51,7 +51,8 @@ _FACTORIES: dict[str, Callable[[], Backend]] = {
     "triton": _triton,
 }
 NAMES = ("auto", *_FACTORIES)
-_SHARED = {"cpu": "cpp", "cuda": "triton"}
+# The fused backend of each device type: the default of its passes and its shared steps.
+_BY_DEVICE = {"cpu": "cpp", "cuda": "triton"}
 _instances: dict[str, Backend] = {}
 
 REFERENCE = ReferenceBackend()
@@ -85,7 +86,7 @@ def passes_backend(x: Tensor, *params: Tensor | None) -> Backend:
     """The backend that runs the full-size passes over ``x`` with these parameters."""
     name = requested()
     if name == "auto":
-        candidate = "cpp" if x.is_cpu else "triton" if x.is_cuda else None
+        candidate = _BY_DEVICE.get("cpu" if x.is_cpu else "cuda" if x.is_cuda else "")
         if candidate is not None:
             backend = get(candidate)
             if backend.available() and backend.covers(x, *params):
@@ -102,7 +103,7 @@ def passes_backend(x: Tensor, *params: Tensor | None) -> Backend:
 
 def shared_backend(device_type: str) -> Backend:
     """The backend of the steps every rank must compute alike, for this device type."""
-    shared = _SHARED.get(device_type)
+    shared = _BY_DEVICE.get(device_type)
     if shared is not None:
         backend = get(shared)
         if backend.available():
