@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -79,12 +80,17 @@ def compiler() -> str | None:
 
 
 def _import_library(name: str, path: Path) -> ModuleType:
-    """Load the built library: it registers its operators as ``torch.ops.syncsn_cpp``."""
+    """Load the built library as the Python module ``name`` (the kernels the CPU backend
+    calls); loading it also registers them as the operators ``torch.ops.syncsn_cpp``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}: not a Python extension module")
     try:
-        torch.ops.load_library(str(path))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     except OSError as error:
         raise ImportError(f"cannot load {path}: {error}") from error
-    return torch.ops.syncsn_cpp
+    return module
 
 
 def _say(message: str) -> None:

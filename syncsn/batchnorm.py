@@ -10,7 +10,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from . import _args, comm
-from .function import BatchNormFunction, LayerCall, next_layer_key
+from .function import BatchNormFunction, layer_call, next_layer_key
 from .kernels import ops
 from .switchnorm import check_input, fold_running_now, grad_anchor
 
@@ -188,7 +188,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             # Every call, train or eval, before anything that communicates.
             comm.check_same_layer(
                 f"SyncBatchNorm({self.num_features})",
-                getattr(self, "sync_name", self._sync_id),
+                comm.sync_identity(self),
                 self.process_group,
                 input.device,
                 training=self.training,
@@ -200,18 +200,19 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             )  # fmt: skip
         # Eval mode never communicates, even on batch statistics (as torch.nn.SyncBatchNorm).
         group, world = comm.sync_target(self.process_group) if self.training else (None, 1)
-        identity = getattr(self, "sync_name", self._sync_id)
+        identity = comm.sync_identity(self)
         name = f"'{identity}'" if isinstance(identity, str) else f"#{identity}"
-        call = LayerCall(
-            layer=f"SyncBatchNorm({self.num_features}) {name}",
-            key=self._layer_key,
-            training=self.training,
-            eps=self.eps,
-            momentum=self.momentum,
-            group=group,
-            world=world,
-            fold_running=fold_running_now(),
-            eager=ops.plain_eager(),
+        call = layer_call(
+            f"SyncBatchNorm({self.num_features}) {name}",
+            self._layer_key,
+            self.training,
+            self.eps,
+            self.momentum,
+            0,
+            group,
+            world,
+            fold_running_now(),
+            ops.plain_eager(),
         )
         tracked = self.training and self.track_running_stats
         return BatchNormFunction.apply(

@@ -162,6 +162,12 @@ def name_sync_layers(model: torch.nn.Module, prefix: str = "") -> torch.nn.Modul
     return model
 
 
+def sync_identity(layer: torch.nn.Module) -> str | int:
+    """What reports call a Sync layer: its :func:`name_sync_layers` name, else its number."""
+    # (From the instance's dict: a missing attribute would cost an AttributeError per call.)
+    return vars(layer).get("sync_name", layer._sync_id)
+
+
 # -- SYNCSN_DEBUG: matching up the ranks' calls through the store -----------------------------
 #
 # With SYNCSN_DEBUG=1 every training call of a Sync layer, every backward all-reduce and SSN's
@@ -501,12 +507,13 @@ def gather_partials(
 ) -> Tensor:
     """The forward collective: every rank's (K,) partials as (world, K), in rank order.
 
-    ``group`` None (a layer that does not synchronize) gives ``buffer[None]``. ``eager``
+    ``group`` None (a layer that does not synchronize) gives ``buffer`` itself, which every
+    merge takes as a world of one. ``eager``
     (plain eager mode, :func:`syncsn.kernels.ops.plain_eager`) calls the collective directly:
     the op's dispatch costs about as much as a small layer's math.
     """
     if group is None or world == 1:
-        return buffer.unsqueeze(0)
+        return buffer
     if eager:
         return _gather(buffer, group, world)
     return torch.ops.syncsn.all_gather(buffer, group, world)

@@ -10,12 +10,14 @@ the same calls, so every rank takes the decision at the same step.
 
 On CPU the copy is synchronous, so the value is available at once and decisions are not
 delayed. Either way no ``aten._local_scalar_dense`` (the op behind ``.item()``) runs on the
-device tensor: the host reads its own staging buffer.
+device tensor: the host reads its own staging buffer (``Tensor.tolist`` reads a CPU tensor's
+memory without dispatching an op, a fraction of a microsecond).
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -29,19 +31,20 @@ class DeferredRead:
 
         reader = DeferredRead()
         due = reader.publish(flags)  # CPU: flags' value now; CUDA: the previous call's value
-        if due is not None and due.any():
+        if due:
             ...
     """
 
     def __init__(self) -> None:
         self._pending: tuple[Tensor, torch.cuda.Event] | None = None
 
-    def publish(self, value: Tensor) -> np.ndarray | None:
-        """Start reading ``value``; return the value that is due now (None: nothing yet)."""
+    def publish(self, value: Tensor) -> Any | None:
+        """Start reading ``value``; return the value that is due now as Python numbers (as
+        ``Tensor.tolist`` gives them), None when nothing is due yet."""
         if value.is_cpu:
-            return value.detach().numpy()  # (the array keeps the tensor alive)
+            return value.tolist()
         if value.device.type != "cuda":
-            return value.cpu().numpy()
+            return value.cpu().tolist()
         if torch.cuda.is_current_stream_capturing():
             # A CUDA graph replays the copy but not this Python code: nothing to read later.
             return None
@@ -53,11 +56,11 @@ class DeferredRead:
         self._pending = (host, event)
         return due
 
-    def collect(self) -> np.ndarray | None:
+    def collect(self) -> Any | None:
         """The value of the last :meth:`publish` on CUDA, waiting for its copy; None if none."""
         if self._pending is None:
             return None
         host, event = self._pending
         self._pending = None
         event.synchronize()
-        return host.numpy()
+        return host.tolist()

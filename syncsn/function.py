@@ -19,6 +19,7 @@ torch.compile treats as a constant.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from .deferred import DeferredRead
 from .kernels import ops
 from .kernels.interface import Flags, SNMixed, SNStats
 
-__all__ = ["LayerCall", "SwitchNormFunction", "BatchNormFunction", "checked"]
+__all__ = ["LayerCall", "layer_call", "SwitchNormFunction", "BatchNormFunction", "checked"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,42 @@ class LayerCall:
     fold_running: bool = True
     eager: bool = False
     logits: bool = False
+
+
+# A layer's calls repeat a few settings: in plain eager mode each is made once (building a
+# frozen dataclass costs about as much as a small layer's merge). Compiled code builds its
+# own, which the compiler treats as a constant.
+_same_call = functools.lru_cache(maxsize=8192)(LayerCall)
+
+
+def layer_call(
+    layer: str,
+    key: int,
+    training: bool,
+    eps: float,
+    momentum: float | None,
+    ddof: int,
+    group: str | None,
+    world: int,
+    fold_running: bool,
+    eager: bool,
+    logits: bool = False,
+) -> LayerCall:
+    """The :class:`LayerCall` of these settings; in plain eager mode one shared object."""
+    settings = (
+        layer,
+        key,
+        training,
+        eps,
+        momentum,
+        ddof,
+        group,
+        world,
+        fold_running,
+        eager,
+        logits,
+    )
+    return _same_call(*settings) if eager else LayerCall(*settings)
 
 
 _layer_keys = itertools.count()
@@ -272,8 +309,8 @@ def _read_flags(flags: Tensor, layer: str, key: int) -> None:
     if state is None:
         state = _reports[key] = _Reports()
     due = state.reader.publish(flags)
-    if due is not None and due:
-        _act(int(due), layer, state, late=flags.is_cuda)
+    if due:
+        _act(due, layer, state, late=flags.is_cuda)
 
 
 @torch.library.custom_op("syncsn::checked", mutates_args=())

@@ -21,7 +21,6 @@ import math
 import weakref
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -117,7 +116,7 @@ class _FrozenReads:
     def __reduce__(self) -> tuple:
         return (_FrozenReads, ())
 
-    def learn(self, values: np.ndarray, layer: str, scopes: tuple[str, ...]) -> None:
+    def learn(self, values: list[int], layer: str, scopes: tuple[str, ...]) -> None:
         mean, var = (int(value) for value in values)
         _check_frozen(layer, scopes, mean, var)
         if mean >= 0 and var >= 0:

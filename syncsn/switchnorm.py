@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _args, comm
 from . import functional as F
-from .function import LayerCall, SwitchNormFunction, next_layer_key
+from .function import LayerCall, SwitchNormFunction, layer_call, next_layer_key
 from .kernels import ops
 
 __all__ = [
@@ -229,18 +229,18 @@ class _SwitchNorm(_BatchNorm):
 
     def _layer_call(self, logits: bool, eager: bool) -> LayerCall:
         group, world = self._sync_target()
-        return LayerCall(
-            layer=self._describe(),
-            key=self._layer_key,
-            training=self.training,
-            eps=self.eps,
-            momentum=self.momentum if self.using_moving_average else None,
-            ddof=1 if self._ndims == (2,) else 0,
-            group=group,
-            world=world,
-            fold_running=fold_running_now(),
-            eager=eager,
-            logits=logits,
+        return layer_call(
+            self._describe(),
+            self._layer_key,
+            self.training,
+            self.eps,
+            self.momentum if self.using_moving_average else None,
+            1 if self._ndims == (2,) else 0,
+            group,
+            world,
+            fold_running_now(),
+            eager,
+            logits,
         )
 
     def _check_input(self, x: Tensor) -> None:
@@ -524,14 +524,14 @@ class _SyncMixin(_SwitchNorm):
         if comm.debug_enabled() and not torch.compiler.is_compiling():
             comm.check_same_layer(
                 f"{type(self).__name__}({self.num_features})",
-                getattr(self, "sync_name", self._sync_id),
+                comm.sync_identity(self),
                 self.process_group,
                 x.device,
                 training=self.training,
             )
 
     def _describe(self) -> str:
-        identity = getattr(self, "sync_name", self._sync_id)
+        identity = comm.sync_identity(self)
         name = f"'{identity}'" if isinstance(identity, str) else f"#{identity}"
         return f"{super()._describe()} {name}"
 

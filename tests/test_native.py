@@ -4,7 +4,7 @@ cover: how the kernels are built, loaded and switched off; that a layer's pass i
 each; results that do not depend on the thread count; gradcheck through them; float16
 planes too long for a float16 sum; and the errors the operators give for bad arguments.
 
-A spy on ``torch.ops.syncsn_cpp`` proves which path ran.
+A spy on the compiled functions proves which path ran.
 """
 
 from __future__ import annotations
@@ -115,12 +115,16 @@ def test_each_step_is_one_call(spy):
 
 
 def test_operators_take_named_arguments(ops):
-    """The schemas name the arguments as the interface does; calls by name work."""
+    """The registered operators run the module's functions, and their schemas name the
+    arguments as the interface does; calls by name work."""
     x, _ = make_input((3, 4, 5), torch.float64, seed=2)
-    stats = ops.sn_stats(x=x, ddof=0)
+    operators = torch.ops.syncsn_cpp
+    stats = operators.sn_stats(x=x, ddof=0)
     expected = kernels.REFERENCE.sn_stats(x, 0)[0]
     assert max_rel_err(stats[1], expected.mean) <= 1e-12
-    schema = ops.sn_backward_input.default._schema
+    for got, want in zip(stats, ops.sn_stats(x, 0), strict=True):
+        assert torch.equal(got, want)
+    schema = operators.sn_backward_input.default._schema
     names = [a.name for a in schema.arguments]
     assert names[:4] == ["x", "dy", "centre", "mean"] and names[-1] == "ddof"
 
@@ -264,13 +268,20 @@ def test_merge_gives_the_reference_bits(ops, world):
         if c == 5:
             gathered[0, 1] = float("nan")
         running = (torch.randn(c, generator=g) * scale).to(buffers), torch.rand(c).to(buffers)
+        # A layer that does not synchronize passes its one row of partials as it is.
+        inputs = [gathered, gathered[0]] if world == 1 else [gathered]
         results = []
-        for backend in (cpp, ref):
+        for backend, parts in [(ref, gathered)] + [(cpp, parts) for parts in inputs]:
             rm, rv, nbt = running[0].clone(), running[1].clone(), torch.tensor(3)
-            out = backend.merge(gathered, ddof, rm, rv, nbt, momentum, 1)
+            out = backend.merge(parts, ddof, rm, rv, nbt, momentum, 1)
             results.append((*out, rm, rv, nbt))
         names = ("count", "mean", "var", "flags", "rm", "rv", "nbt")
-        for name, got, want in zip(names, *results, strict=True):
+        pairs = [
+            (name, got, want)
+            for other in results[1:]
+            for name, got, want in zip(names, other, results[0], strict=True)
+        ]
+        for name, got, want in pairs:
             assert got.dtype == want.dtype and got.shape == want.shape, name
             if world <= 4:
                 bits = got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)

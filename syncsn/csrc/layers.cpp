@@ -6,6 +6,7 @@
 // gathered statistics follows the reference's order of operations so that both give the same
 // bits: every rank must agree on it, whichever backend it runs.
 #include <ATen/ATen.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -553,20 +554,21 @@ int32_t fold_running(
   return 0;
 }
 
-// The Chan merge of the gathered (world, 1 + 2C) partials, the flags and the fold into the
-// running statistics (interface.Backend.merge).
+// The Chan merge of the gathered (world, 1 + 2C) partials (or one rank's (1 + 2C,)), the flags
+// and the fold into the running statistics (interface.Backend.merge).
 std::tuple<Tensor, Tensor, Tensor, Tensor> merge(
     const Tensor& gathered, int64_t ddof, const OptionalTensor& running_mean,
     const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
     std::optional<double> momentum, int64_t running_ddof) {
   TORCH_CHECK(
-      gathered.dim() == 2 && gathered.scalar_type() == at::kDouble && gathered.size(1) % 2 == 1,
-      "syncsn_cpp: merge expects (world, 1 + 2C) float64 partials, got ",
+      (gathered.dim() == 1 || gathered.dim() == 2) && gathered.scalar_type() == at::kDouble &&
+          gathered.size(-1) % 2 == 1,
+      "syncsn_cpp: merge expects (world, 1 + 2C) or (1 + 2C,) float64 partials, got ",
       gathered.scalar_type(), " of shape ", gathered.sizes());
   const Tensor parts = gathered.contiguous();
   const double* g = parts.const_data_ptr<double>();
-  const int64_t world = parts.size(0);
-  const int64_t width = parts.size(1);
+  const int64_t world = parts.dim() == 2 ? parts.size(0) : 1;
+  const int64_t width = parts.size(-1);
   const int64_t c = (width - 1) / 2;
 
   double n = 0.0;
@@ -706,4 +708,22 @@ TORCH_LIBRARY_IMPL(syncsn_cpp, CPU, m) {
 
 TORCH_LIBRARY_IMPL(syncsn_cpp, AutogradCPU, m) {
   register_kernels(m);
+}
+
+// The same functions as a Python module, for the CPU backend's calls (syncsn/kernels/cpp.py).
+// Called through the dispatcher from Python, each operator costs about 3 us more per call in
+// a training step (boxing the arguments, and the dispatcher's code evicted from the caches by
+// the Python between calls): on small feature maps as much as the arithmetic. The GIL is
+// released as the dispatcher does.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("sn_stats", &syncsn::sn_stats, release());
+  m.def("sn_output", &syncsn::sn_output, release());
+  m.def("sn_backward_reduce", &syncsn::sn_backward_reduce, release());
+  m.def("sn_backward_input", &syncsn::sn_backward_input, release());
+  m.def("bn_stats", &syncsn::bn_stats, release());
+  m.def("merge", &syncsn::merge, release());
+  m.def("bn_output", &syncsn::bn_output, release());
+  m.def("bn_backward_reduce", &syncsn::bn_backward_reduce, release());
+  m.def("bn_backward_input", &syncsn::bn_backward_input, release());
 }

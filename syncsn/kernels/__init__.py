@@ -84,21 +84,27 @@ def _parse_request(backend: str | None, native: str | None) -> str:
 
 def passes_backend(x: Tensor, *params: Tensor | None) -> Backend:
     """The backend that runs the full-size passes over ``x`` with these parameters."""
-    name = requested()
+    backend = _chosen(requested(), "cpu" if x.is_cpu else x.device.type)
+    return backend if backend.covers(x, *params) else REFERENCE
+
+
+def _chosen(name: str, device_type: str) -> Backend:
+    """The backend ``name`` asks for on this device type (auto: the device's fused backend
+    where it is available, else the reference); RuntimeError when a backend that was named
+    is not available."""
     if name == "auto":
-        candidate = _BY_DEVICE.get("cpu" if x.is_cpu else "cuda" if x.is_cuda else "")
-        if candidate is not None:
-            backend = get(candidate)
-            if backend.available() and backend.covers(x, *params):
-                return backend
-        return REFERENCE
+        candidate = _BY_DEVICE.get(device_type)
+        if candidate is None:
+            return REFERENCE
+        backend = get(candidate)
+        return backend if backend.available() else REFERENCE
     backend = get(name)
     if not backend.available():
         raise RuntimeError(
             f"SYNCSN_BACKEND={name}: the {name} backend is not available in this process "
             f"({backend.unavailable_reason()}); use SYNCSN_BACKEND=auto or torch"
         )
-    return backend if backend.covers(x, *params) else REFERENCE
+    return backend
 
 
 def shared_backend(device_type: str) -> Backend:

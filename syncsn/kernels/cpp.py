@@ -1,8 +1,10 @@
-"""The C++ CPU backend: each step is one call of an operator of ``torch.ops.syncsn_cpp``.
+"""The C++ CPU backend: each step is one call of a compiled function.
 
-The operators (``syncsn/csrc``) are built on first use by :mod:`syncsn._native`; when they
-cannot be built the reference backend runs instead. Each takes and returns the interface's
-tensors under the interface's names (their schemas: ``torch.ops.syncsn_cpp.<step>``), fusing
+The functions (``syncsn/csrc``) are built on first use by :mod:`syncsn._native`; when they
+cannot be built the reference backend runs instead. They are also registered as the
+operators ``torch.ops.syncsn_cpp.<step>``, whose schemas name their arguments and results;
+the backend calls them as a Python module, which costs a fraction of the dispatcher's call.
+Each takes and returns the interface's tensors under the interface's names, fusing
 a full-size pass with the small per-(n, c) and per-channel math around it. They cover
 non-empty CPU input of any floating dtype, (N, C) or (N, C, *S), contiguous or (4-D / 5-D)
 channels-last, with float32 / float64 parameters. Its merge is the shared CPU merge
@@ -31,9 +33,17 @@ def _dense(x: Tensor) -> bool:
     return fmt is not None and x.is_contiguous(memory_format=fmt)
 
 
-# The operators' namespace; they exist once _native.kernels() has loaded the library, which
-# available() does before any step is chosen.
-_LIB = torch.ops.syncsn_cpp
+class _Kernels:
+    """The compiled functions, looked up in the loaded module on first use (``available()``
+    loads it before any step is chosen) and kept as plain attributes after that."""
+
+    def __getattr__(self, name: str):
+        function = getattr(_native.kernels(), name)
+        setattr(self, name, function)
+        return function
+
+
+_LIB = _Kernels()
 
 
 class CppBackend(Backend):
@@ -59,8 +69,8 @@ class CppBackend(Backend):
         self, gathered, ddof, running_mean, running_var, num_batches_tracked, momentum,
         running_ddof,
     ):  # fmt: skip
-        return BatchMoments(
-            *_LIB.merge(
+        return BatchMoments._make(
+            _LIB.merge(
                 gathered, ddof, running_mean, running_var, num_batches_tracked, momentum,
                 running_ddof,
             )
@@ -71,14 +81,16 @@ class CppBackend(Backend):
         return SNStats(*stats), partials
 
     def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits):
-        y, *mixed = _LIB.sn_output(x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits)
-        return y, SNMixed(*mixed)
+        y, mean, var, rstd = _LIB.sn_output(
+            x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits
+        )
+        return y, SNMixed(mean, var, rstd)
 
     def sn_backward_reduce(
         self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits
     ):  # fmt: skip
-        return SNGrads(
-            *_LIB.sn_backward_reduce(
+        return SNGrads._make(
+            _LIB.sn_backward_reduce(
                 x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof, logits
             )
         )
@@ -93,8 +105,8 @@ class CppBackend(Backend):
         return tuple(_LIB.bn_stats(x))
 
     def bn_output(self, x, centre, mean, var, weight, bias, eps):
-        y, *saved = _LIB.bn_output(x, centre, mean, var, weight, bias, eps)
-        return y, BNSaved(*saved)
+        y, saved_centre, saved_mean, rstd = _LIB.bn_output(x, centre, mean, var, weight, bias, eps)
+        return y, BNSaved(saved_centre, saved_mean, rstd)
 
     def bn_backward_reduce(self, x, dy, saved, weight):
         return tuple(_LIB.bn_backward_reduce(x, dy, *saved, weight))

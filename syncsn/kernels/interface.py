@@ -145,7 +145,8 @@ class Backend:
         """Merge every rank's partials and fold the result into the running statistics.
 
         Args:
-            gathered: (world, 1 + 2C) float64, one row of partials per rank.
+            gathered: (world, 1 + 2C) float64, one row of partials per rank; or one
+                rank's (1 + 2C,) partials when the layer does not synchronize.
             ddof: the returned variance is m2 / (count - ddof).
             running_mean, running_var: (C,) buffers updated in place, or None (not
                 tracked); ``running_var`` gets m2 / (count - running_ddof).

@@ -105,7 +105,7 @@ def _merge(
 
 @_merge.register_fake
 def _(gathered, ddof, running_mean, running_var, num_batches_tracked, momentum, running_ddof):
-    c = (gathered.shape[1] - 1) // 2
+    c = (gathered.shape[-1] - 1) // 2
     f64 = {"dtype": _F64, "device": gathered.device}
     return (
         gathered.new_empty((), **f64),
@@ -130,7 +130,7 @@ def merge(
     of the partials' device type; with ``eager`` (see :func:`steps`) called directly."""
     args = (gathered, ddof, running_mean, running_var, num_batches_tracked, momentum, running_ddof)
     if eager:
-        return shared_backend(gathered.device.type).merge(*args)
+        return shared_backend("cpu" if gathered.is_cpu else gathered.device.type).merge(*args)
     return BatchMoments(*_merge(*args))
 
 

@@ -73,7 +73,7 @@ class ReferenceBackend(Backend):
         momentum: float | None,
         running_ddof: int,
     ) -> BatchMoments:
-        count, mean, m2 = F.merge_partials(gathered)
+        count, mean, m2 = F.merge_partials(gathered.view(-1, gathered.shape[-1]))
         var = m2 / (count - ddof).clamp(min=1.0)
         finite = torch.isfinite(mean).all() & torch.isfinite(m2).all()
         enough = count >= 2

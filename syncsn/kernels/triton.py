@@ -330,10 +330,11 @@ class TritonBackend(Backend):
             raise ValueError(
                 "merge: momentum=None (cumulative average) needs num_batches_tracked, got None"
             )
-        world, width = gathered.shape
-        c = (width - 1) // 2
-        if gathered.stride(1) != 1:
+        world = gathered.shape[0] if gathered.dim() == 2 else 1
+        c = (gathered.shape[-1] - 1) // 2
+        if gathered.stride(-1) != 1:
             gathered = gathered.contiguous()
+        row_stride = gathered.stride(0) if gathered.dim() == 2 else 0
         for buffer in (running_mean, running_var):
             if buffer is not None and not buffer.is_contiguous():
                 raise ValueError("merge: running statistics must be contiguous (C,) buffers")
@@ -345,7 +346,7 @@ class TritonBackend(Backend):
         dummy = self._dummy(gathered)
         with self._device(gathered):
             K.merge_kernel[(1,)](
-                gathered, gathered.stride(0), world, c, ddof, running_ddof,
+                gathered, row_stride, world, c, ddof, running_ddof,
                 running_mean if tracked else dummy, running_var if tracked else dummy,
                 num_batches_tracked if num_batches_tracked is not None else dummy,
                 _bits(momentum if momentum is not None else 0.0),
