@@ -54,6 +54,8 @@ class LayerCall:
         eager: plain eager mode (:func:`syncsn.kernels.ops.plain_eager`): the forward
             calls its steps directly instead of through the custom ops.
         logits: SN's ``w`` and ``v`` are logits, whose softmax the kernels compute.
+        scopes: the mask of the layer's scopes (bits 1 = IN, 2 = LN, 4 = BN) that ``w`` and
+            ``v`` have an entry for.
     """
 
     layer: str
@@ -67,6 +69,7 @@ class LayerCall:
     fold_running: bool = True
     eager: bool = False
     logits: bool = False
+    scopes: int = 7
 
 
 # A layer's calls repeat a few settings: in plain eager mode each is made once (building a
@@ -87,6 +90,7 @@ def layer_call(
     fold_running: bool,
     eager: bool,
     logits: bool = False,
+    scopes: int = 7,
 ) -> LayerCall:
     """The :class:`LayerCall` of these settings; in plain eager mode one shared object."""
     settings = (
@@ -101,6 +105,7 @@ def layer_call(
         fold_running,
         eager,
         logits,
+        scopes,
     )
     return _same_call(*settings) if eager else LayerCall(*settings)
 
@@ -152,9 +157,9 @@ def _backward_steps(ctx, x: Tensor, weight: Tensor | None, eager: bool):
 class SwitchNormFunction(torch.autograd.Function):
     """Switchable Normalization over (N, C, *S), scopes (IN, LN, BN).
 
-    Inputs: x (N, C, *S); w, v the mixing weights (3,) on the simplex for means and
-    variances, a 0 for a scope the layer does not have (or with ``call.logits`` the logits
-    whose softmax they are, -inf for such a scope); weight, bias (C,) or None; the
+    Inputs: x (N, C, *S); w, v the mixing weights (K,) on the simplex for means and
+    variances over the scopes of ``call.scopes`` (or with ``call.logits`` the logits whose
+    softmax they are); weight, bias (C,) or None; the
     running buffers (None when not tracked); ``use_bn`` whether the layer has a BN scope;
     the :class:`LayerCall`; ``anchor`` a tensor that requires grad on every rank alike (see
     :func:`syncsn.switchnorm.grad_anchor`) or None.
@@ -188,7 +193,7 @@ class SwitchNormFunction(torch.autograd.Function):
             assert running_mean is not None and running_var is not None
             bn_mean, bn_var = running_mean.double(), running_var.double()
         y, mixed = steps.sn_output(
-            x, stats, bn_mean, bn_var, w, v, weight, bias, call.eps, call.logits
+            x, stats, bn_mean, bn_var, w, v, weight, bias, call.eps, call.logits, call.scopes
         )
 
         ctx.save_for_backward(x, w, v, weight, *stats, *mixed, bn_mean, bn_var, count)
@@ -207,8 +212,9 @@ class SwitchNormFunction(torch.autograd.Function):
         eager = ops.plain_eager()
         steps = _backward_steps(ctx, x, weight, eager)
         grads = steps.sn_backward_reduce(
-            x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, call.ddof, call.logits
-        )
+            x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, call.ddof, call.logits,
+            call.scopes,
+        )  # fmt: skip
         totals = None
         if ctx.batch_scope:
             # The backward collective: the BN scope's gradient sums over every rank.

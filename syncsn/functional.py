@@ -27,6 +27,11 @@ __all__ = [
     "element_partials",
     "merge_partials",
     "mix",
+    "ALL_SCOPES",
+    "scope_mask",
+    "on_all_scopes",
+    "switches_on_all_scopes",
+    "on_own_scopes",
     "centred_sums",
     "fold_running",
     "check_spatial_size",
@@ -157,6 +162,51 @@ def mixing_weights64(w: Tensor, logits: bool) -> Tensor:
     if logits:
         return torch.softmax(w, dim=0)
     return w / w.sum()
+
+
+#: The bits of (IN, LN, BN) in a layer's scope mask; the kernels mix the scopes in this order.
+SCOPE_BITS = {"in": 1, "ln": 2, "bn": 4}
+#: The mask of a layer with all three scopes.
+ALL_SCOPES = 7
+
+
+def scope_mask(scopes: tuple[str, ...]) -> int:
+    """The mask of ``scopes``, an ordered subset of ``("in", "ln", "bn")``."""
+    return sum(SCOPE_BITS[s] for s in scopes)
+
+
+def on_all_scopes(w: Tensor, scopes: int, absent: float) -> Tensor:
+    """(K,) weights or logits over the scopes of mask ``scopes`` as the (3,) vector over
+    (IN, LN, BN), ``absent`` (0 for weights, -inf for logits) where the layer lacks a scope."""
+    if scopes == ALL_SCOPES:
+        return w
+    fill = w.new_full((), absent)
+    entries, k = [], 0
+    for bit in SCOPE_BITS.values():
+        if scopes & bit:
+            entries.append(w[k])
+            k += 1
+        else:
+            entries.append(fill)
+    return torch.stack(entries)
+
+
+def switches_on_all_scopes(
+    w: Tensor, v: Tensor, logits: bool, scopes: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`on_all_scopes` of both switch vectors, of logits or of weights."""
+    if scopes == ALL_SCOPES:
+        return w, v
+    absent = -math.inf if logits else 0.0
+    return on_all_scopes(w, scopes, absent), on_all_scopes(v, scopes, absent)
+
+
+def on_own_scopes(grad: Tensor, scopes: int) -> Tensor:
+    """The entries of a (3,) gradient over (IN, LN, BN) that belong to the scopes of mask
+    ``scopes``, (K,): the inverse of :func:`on_all_scopes`."""
+    if scopes == ALL_SCOPES:
+        return grad
+    return grad[[k for k, bit in enumerate(SCOPE_BITS.values()) if scopes & bit]]
 
 
 def logit_grads(grad: Tensor, weights: Tensor) -> Tensor:

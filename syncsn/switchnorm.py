@@ -6,7 +6,6 @@ The modules hold parameters and buffers and check their input; the math is in
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -80,15 +79,6 @@ def exporting() -> bool:
 
 
 ALL_SCOPES = ("in", "ln", "bn")
-
-
-def on_all_scopes(weights: Tensor, scopes: tuple[str, ...], absent: float = 0.0) -> Tensor:
-    """(K,) weights over ``scopes`` as the (3,) vector over (IN, LN, BN), ``absent`` (0 for
-    weights, -inf for logits) where the layer lacks a scope."""
-    if scopes == ALL_SCOPES:
-        return weights
-    fill = weights.new_full((), absent)
-    return torch.stack([weights[scopes.index(s)] if s in scopes else fill for s in ALL_SCOPES])
 
 
 class _SwitchNorm(_BatchNorm):
@@ -241,6 +231,7 @@ class _SwitchNorm(_BatchNorm):
             fold_running_now(),
             eager,
             logits,
+            F.scope_mask(self.scopes),
         )
 
     def _check_input(self, x: Tensor) -> None:
@@ -260,8 +251,6 @@ class _SwitchNorm(_BatchNorm):
         self._check_input(x)
         self._debug_check(x)
         w, v, use_bn, logits = self._forward_weights()
-        absent = -math.inf if logits else 0.0
-        w, v = on_all_scopes(w, self.scopes, absent), on_all_scopes(v, self.scopes, absent)
         # torch's rule: without tracked running statistics the BN scope is the batch's, in
         # eval mode too (where it is local: eval never communicates).
         tracked = self.track_running_stats and self.running_mean is not None
@@ -273,6 +262,7 @@ class _SwitchNorm(_BatchNorm):
         eager = ops.plain_eager()  # (no export or trace records an eager call)
         if not eager and exporting() and not self.training and (tracked or not use_bn):
             # A deployable graph: plain torch operations in the model's dtype.
+            w, v = F.switches_on_all_scopes(w, v, logits, F.scope_mask(self.scopes))
             if logits:
                 w, v = torch.softmax(w, dim=0), torch.softmax(v, dim=0)
             return F.switch_norm_eval(

@@ -253,28 +253,35 @@ def test_sn_steps(backend, entry, case):
 
     stats, partials = run_step(backend, "sn_stats", x=x, ddof=ddof)
     batch = REF.merge(partials[None], ddof, None, None, None, 0.1, ddof)
-    for mode in ("train", "eval", "no_bn"):
-        affine = mode != "no_bn"
-        bn_mean, bn_var = {"train": (batch.mean, batch.var), "eval": running}.get(
-            mode, (None, None)
-        )
-        # SN's logits in training and without BN (-inf for the missing scope), weights on
-        # the simplex (as SSN passes them) in eval.
+    # mode: the layer's scopes (their mask), whether it is affine, the BN scope.
+    modes = {
+        "train": (7, True, (batch.mean, batch.var)),
+        "eval": (7, True, running),
+        "no_bn": (3, False, (None, None)),  # IN and LN (using_bn=False)
+        "ln_bn": (6, True, (batch.mean, batch.var)),  # LN and BN (SwitchNorm1d)
+    }
+    for mode, (scopes, affine, (bn_mean, bn_var)) in modes.items():
+        # SN's logits in training and without BN, weights on the simplex (as SSN passes
+        # them) in eval; (K,) over the layer's own scopes.
         logits = mode != "eval"
-        w, v = simplex(3, affine, pdtype), simplex(4, affine, pdtype)
+        own = [k for k in range(3) if scopes >> k & 1]
+        w = simplex(3, scopes & 4, pdtype)[own]
+        v = simplex(4, scopes & 4, pdtype)[own]
+        w, v = w / w.sum(), v / v.sum()
         if logits:
             w, v = w.log(), v.log()
         gamma, beta = (weight, bias) if affine else (None, None)
         _, mixed = run_step(
             backend, "sn_output", x=x, stats=stats, bn_mean=bn_mean, bn_var=bn_var, w=w, v=v,
-            weight=gamma, bias=beta, eps=1e-5, logits=logits,
+            weight=gamma, bias=beta, eps=1e-5, logits=logits, scopes=scopes,
         )  # fmt: skip
         grad = dy.contiguous() if mode == "eval" else dy
         reduced = run_step(
             backend, "sn_backward_reduce", x=x, dy=grad, stats=stats, mixed=mixed,
             bn_mean=bn_mean, bn_var=bn_var, w=w, v=v, weight=gamma, ddof=ddof, logits=logits,
+            scopes=scopes,
         )  # fmt: skip
-        synced = mode == "train"
+        synced = bn_mean is not None and mode != "eval"
         # What the layer gives the input step: the reduction's (N, C) terms.
         empty = x.new_empty(0)
         grads = SNGrads(empty, reduced.grad_mean, reduced.grad_var, empty, empty, empty, empty)

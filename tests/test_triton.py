@@ -512,6 +512,9 @@ def _device_work(events) -> list[str]:
 WHOLE_CALL = {
     "SwitchNorm2d": (lambda: syncsn.SwitchNorm2d(3), (2, 3, 4, 4)),
     "SwitchNorm3d": (lambda: syncsn.SwitchNorm3d(3), (2, 3, 2, 3, 2)),
+    # Two scopes (LN, BN; IN, LN): the kernels put the missing one in.
+    "SwitchNorm1d": (lambda: syncsn.SwitchNorm1d(3), (4, 3)),
+    "SwitchNorm2d-no-bn": (lambda: syncsn.SwitchNorm2d(3, using_bn=False), (2, 3, 4, 4)),
     "SyncSwitchNorm2d": (lambda: syncsn.SyncSwitchNorm2d(3), (2, 3, 4, 4)),
     "SyncBatchNorm": (lambda: syncsn.SyncBatchNorm(3), (2, 3, 4, 4)),
 }
@@ -547,7 +550,8 @@ def test_whole_layer_call_is_at_most_three_launches_each_way(name, monkeypatch):
                 y.backward(dy)
         work[phase] = _device_work([e for e in prof.events() if e.cpu_parent is None])
     prefix = "bn" if name == "SyncBatchNorm" else "sn"
-    assert work["forward"] == ["stats_kernel", "merge_kernel", f"{prefix}_output_kernel"], work
+    merge = [] if name.endswith("no-bn") else ["merge_kernel"]  # no batch scope to merge
+    assert work["forward"] == ["stats_kernel", *merge, f"{prefix}_output_kernel"], work
     assert work["backward"] == [f"{prefix}_reduce_kernel", f"{prefix}_input_kernel"], work
 
 

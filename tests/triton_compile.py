@@ -141,6 +141,13 @@ def _exercise(tb, shape, dtype, fmt) -> None:
     for bn, gamma in ((True, weight), (False, None)):
         bn_mean, bn_var = (mean_c, var_c) if bn else (None, None)
         b = bias if gamma is not None else None
+        # Two scopes first (the variant "quick" compiles): LN and BN (SwitchNorm1d), IN and
+        # LN (no BN scope).
+        scopes = 6 if bn else 3
+        tb.sn_output(x, stats, bn_mean, bn_var, w[:2], w[:2], gamma, b, 1e-5, True, scopes)
+        tb.sn_backward_reduce(
+            x, dy, stats, mixed, bn_mean, bn_var, w[:2], w[:2], gamma, ddof, True, scopes
+        )
         for logits in (False, True):
             tb.sn_output(x, stats, bn_mean, bn_var, w, w, gamma, b, 1e-5, logits)
             tb.sn_backward_reduce(x, dy, stats, mixed, bn_mean, bn_var, w, w, gamma, ddof, logits)

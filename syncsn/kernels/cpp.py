@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from .. import functional as F
 from .interface import Backend, BatchMoments, BNSaved, SNGrads, SNMixed, SNStats
 
 __all__ = ["CppBackend"]
@@ -80,19 +81,27 @@ class CppBackend(Backend):
         *stats, partials = _LIB.sn_stats(x, ddof)
         return SNStats(*stats), partials
 
-    def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits):
+    def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes=7):
+        w, v = F.switches_on_all_scopes(w, v, logits, scopes)
         y, mean, var, rstd = _LIB.sn_output(
             x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits
         )
         return y, SNMixed(mean, var, rstd)
 
     def sn_backward_reduce(
-        self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits
+        self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes=7
     ):  # fmt: skip
-        return SNGrads._make(
+        w, v = F.switches_on_all_scopes(w, v, logits, scopes)
+        grads = SNGrads._make(
             _LIB.sn_backward_reduce(
                 x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof, logits
             )
+        )
+        if scopes == F.ALL_SCOPES:
+            return grads
+        return grads._replace(
+            grad_w=F.on_own_scopes(grads.grad_w, scopes),
+            grad_v=F.on_own_scopes(grads.grad_v, scopes),
         )
 
     def sn_backward_input(self, x, dy, stats, mixed, grads, bn_mean, totals, count, weight, ddof):

@@ -18,10 +18,14 @@ Conventions, shared by every backend:
   ``[count, mean (C), m2 (C)]``: SN counts samples (``mean`` = mean of the instance means,
   ``m2`` = their centred sum of squares plus the sum of the instance variances), BN counts
   elements. Both are merged by the same parallel-variance formula (:meth:`merge`).
-* SN's scopes are always (IN, LN, BN): ``w`` and ``v`` are (3,) points of the simplex (a
-  layer without a scope passes a 0 for it). ``ddof`` is 0 for SN over (N, C, *S) and 1 for
-  SwitchNorm1d, whose LN and BN scopes divide by C - 1 and N - 1 (the IN variance always
-  divides by L - 1; with L = 1 there is no IN scope and its variance is 0).
+* SN mixes the scopes (IN, LN, BN) in that order. A layer with all three passes ``w`` and
+  ``v`` as (3,) vectors; one with fewer (SwitchNorm1d: LN and BN; ``using_bn=False``: IN and
+  LN) passes (K,) vectors over its own scopes and their mask ``scopes`` (bits 1 = IN,
+  2 = LN, 4 = BN), and gets (K,) gradients: the backend puts a missing scope's entry in
+  (weight 0), so that the layer runs no operation to do it.
+* ``ddof`` is 0 for SN over (N, C, *S) and 1 for SwitchNorm1d, whose LN and BN scopes
+  divide by C - 1 and N - 1 (the IN variance always divides by L - 1; with L = 1 there is
+  no IN scope and its variance is 0).
 * Outputs and input gradients have x's dtype and memory format.
 
 The steps that decide what every rank must agree on bitwise (:meth:`merge`, which also
@@ -94,8 +98,8 @@ class SNGrads(NamedTuple):
     totals: Tensor  # (2C,) float64: [w_bn sum_n g_mu, v_bn sum_n g_var] of this rank
     grad_mean: Tensor  # (N, C) float64: d loss / d instance mean, IN and LN terms
     grad_var: Tensor  # (N, C) float64: d loss / d instance variance, IN and LN terms
-    grad_w: Tensor  # (3,) in w's dtype
-    grad_v: Tensor  # (3,) in v's dtype
+    grad_w: Tensor  # (K,) like w
+    grad_v: Tensor  # (K,) like v
     grad_weight: Tensor  # (C,) in weight's dtype; empty without weight
     grad_bias: Tensor  # (C,) likewise
 
@@ -177,14 +181,15 @@ class Backend:
         bias: Tensor | None,
         eps: float,
         logits: bool,
+        scopes: int = 7,
     ) -> tuple[Tensor, SNMixed]:
         """Mix the scopes and normalize: y = weight * (x - mu) * rstd + bias.
 
         ``bn_mean``, ``bn_var`` (C,) float64 are the BN scope (batch or running statistics),
-        None when the layer has none (then w[2] and v[2] are ignored). ``w``, ``v`` (3,) are
-        the mixing weights on the simplex, or with ``logits`` the logits whose softmax they
-        are (-inf for a scope the layer lacks): SN's softmax is then computed here rather
-        than as separate operations.
+        None when the layer has none (then the BN entries of w and v are ignored). ``w``, ``v``
+        (K,) over the scopes of mask ``scopes`` are the mixing weights on the simplex, or
+        with ``logits`` the logits whose softmax they are: SN's softmax is then computed
+        here rather than as separate operations.
         """
         raise NotImplementedError
 
@@ -201,6 +206,7 @@ class Backend:
         weight: Tensor | None,
         ddof: int,
         logits: bool,
+        scopes: int = 7,
     ) -> SNGrads:
         """The backward reduction pass (sum dy, sum dy * (x - centre) per (n, c)) and the
         small math up to the backward collective (which sums ``totals`` over the ranks).

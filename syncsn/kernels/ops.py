@@ -175,15 +175,17 @@ def _sn_output(
     bias: Tensor | None,
     eps: float,
     logits: bool,
+    scopes: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     stats = SNStats(centre, mean, var, ln_mean, ln_var)
     backend = passes_backend(x, weight, bias)
-    y, mixed = backend.sn_output(x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits)
+    y, mixed = backend.sn_output(x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes)
     return (y, *mixed)
 
 
 @_sn_output.register_fake
-def _(x, centre, mean, var, ln_mean, ln_var, bn_mean, bn_var, w, v, weight, bias, eps, logits):
+def _(x, centre, mean, var, ln_mean, ln_var, bn_mean, bn_var, w, v, weight, bias, eps, logits,
+      scopes):  # fmt: skip
     return _like_x(x), _nc(x), _nc(x), _nc(x)
 
 
@@ -198,9 +200,10 @@ def sn_output(
     bias: Tensor | None,
     eps: float,
     logits: bool,
+    scopes: int = 7,
 ) -> tuple[Tensor, SNMixed]:
     """:meth:`Backend.sn_output <syncsn.kernels.interface.Backend.sn_output>`."""
-    y, *mixed = _sn_output(x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits)
+    y, *mixed = _sn_output(x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes)
     return y, SNMixed(*mixed)
 
 
@@ -223,18 +226,19 @@ def _sn_backward_reduce(
     weight: Tensor | None,
     ddof: int,
     logits: bool,
+    scopes: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     stats = SNStats(centre, mean, var, ln_mean, ln_var)
     mixed = SNMixed(mixed_mean, mixed_var, rstd)
     grads = passes_backend(x, weight).sn_backward_reduce(
-        x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits
+        x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes
     )
     return tuple(grads)  # type: ignore[return-value]
 
 
 @_sn_backward_reduce.register_fake
 def _(x, dy, centre, mean, var, ln_mean, ln_var, mixed_mean, mixed_var, rstd, bn_mean, bn_var,
-      w, v, weight, ddof, logits):  # fmt: skip
+      w, v, weight, ddof, logits, scopes):  # fmt: skip
     return (
         _c(x, 2), _nc(x), _nc(x), torch.empty_like(w), torch.empty_like(v),
         _param_grad(x, weight), _param_grad(x, weight),
@@ -253,11 +257,14 @@ def sn_backward_reduce(
     weight: Tensor | None,
     ddof: int,
     logits: bool,
+    scopes: int = 7,
 ) -> SNGrads:
     """:meth:`Backend.sn_backward_reduce
     <syncsn.kernels.interface.Backend.sn_backward_reduce>`."""
     return SNGrads(
-        *_sn_backward_reduce(x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof, logits)
+        *_sn_backward_reduce(
+            x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes
+        )
     )
 
 

@@ -110,8 +110,8 @@ class ReferenceBackend(Backend):
         ln_mean, ln_var = F.layer_moments(mean, var, ddof)
         return SNStats(centre, mean, var, ln_mean, ln_var), F.sample_partials(mean, var)
 
-    def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits):
-        w64, v64 = F.mixing_weights64(w, logits), F.mixing_weights64(v, logits)
+    def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes=7):
+        w64, v64 = _mixing64(w, v, logits, scopes)
         has_bn = bn_mean is not None and bn_var is not None
         mu = F.mix(w64, [stats.mean, stats.ln_mean[:, None], bn_mean[None] if has_bn else None])
         var = F.mix(v64, [stats.var, stats.ln_var[:, None], bn_var[None] if has_bn else None])
@@ -123,10 +123,10 @@ class ReferenceBackend(Backend):
         return _affine(x, stats.centre, scale, shift), SNMixed(mu, var, rstd)
 
     def sn_backward_reduce(
-        self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits
+        self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes=7
     ):  # fmt: skip
         c = x.shape[1]
-        w64, v64 = F.mixing_weights64(w, logits), F.mixing_weights64(v, logits)
+        w64, v64 = _mixing64(w, v, logits, scopes)
         gamma = _gamma(weight, mixed.rstd)
         s1, s2c = F.centred_sums(x, stats.centre, dy)
         s2 = s2c + (stats.centre.double() - mixed.mean) * s1  # sum dy * (x - mu)
@@ -157,6 +157,7 @@ class ReferenceBackend(Backend):
         )
         if logits:
             grad_w, grad_v = F.logit_grads(grad_w, w64), F.logit_grads(grad_v, v64)
+        grad_w, grad_v = F.on_own_scopes(grad_w, scopes), F.on_own_scopes(grad_v, scopes)
         if weight is None:
             grad_weight, grad_bias = _empty_like_param(weight, x), _empty_like_param(weight, x)
         else:
@@ -224,3 +225,9 @@ class ReferenceBackend(Backend):
             x, dy, saved.centre.expand(n, c), k_dy.expand(n, c), k_x.expand(n, c),
             k_0.expand(n, c),
         )  # fmt: skip
+
+
+def _mixing64(w: Tensor, v: Tensor, logits: bool, scopes: int) -> tuple[Tensor, Tensor]:
+    """The (3,) float64 mixing weights over (IN, LN, BN) of (K,) ``w``, ``v``."""
+    w, v = F.switches_on_all_scopes(w, v, logits, scopes)
+    return F.mixing_weights64(w, logits), F.mixing_weights64(v, logits)

@@ -208,6 +208,16 @@ def _bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
+def _check_switches(w: Tensor, v: Tensor, scopes: int) -> None:
+    """The kernels read one entry of ``w`` and ``v`` per scope of the mask."""
+    k = bin(scopes).count("1")
+    if not 0 < scopes < 8 or w.shape != (k,) or v.shape != (k,):
+        raise ValueError(
+            f"expected switch vectors of shape ({k},) for the scope mask {scopes}, got "
+            f"{tuple(w.shape)} and {tuple(v.shape)}"
+        )
+
+
 # --- counters of the finalizing programs --------------------------------------------------
 
 _counters: dict[tuple, Tensor] = {}
@@ -402,7 +412,9 @@ class TritonBackend(Backend):
         bias: Tensor | None,
         eps: float,
         logits: bool,
+        scopes: int = 7,
     ) -> tuple[Tensor, SNMixed]:
+        _check_switches(w, v, scopes)
         plan, n, c, length = self._plan(x)
         sx = _ncl(x)
         y = torch.empty_like(x)
@@ -423,7 +435,7 @@ class TritonBackend(Backend):
                 bias.contiguous() if bias is not None else dummy,
                 _bits(eps), *mixed, plan.num_cb, plan.rows, plan.chunks, plan.chunk_len,
                 HAS_BN=has_bn, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                LOGITS=logits, WIDE=_wide(c, length, sx, sy), **plan.blocks(),
+                LOGITS=logits, SCOPES=scopes, WIDE=_wide(c, length, sx, sy), **plan.blocks(),
             )  # fmt: skip
         return y, SNMixed(*mixed)
 
@@ -440,7 +452,9 @@ class TritonBackend(Backend):
         weight: Tensor | None,
         ddof: int,
         logits: bool,
+        scopes: int = 7,
     ) -> SNGrads:
+        _check_switches(w, v, scopes)
         plan, n, c, length = self._plan(x)
         sx = _ncl(x)
         assert sx is not None
@@ -450,8 +464,8 @@ class TritonBackend(Backend):
         totals = torch.empty(2 * c, dtype=_F64, device=dev)
         grad_mean = torch.empty((n, c), dtype=_F64, device=dev)
         grad_var = torch.empty((n, c), dtype=_F64, device=dev)
-        grad_w = torch.empty(3, dtype=w.dtype, device=dev)
-        grad_v = torch.empty(3, dtype=v.dtype, device=dev)
+        grad_w = torch.empty(w.shape, dtype=w.dtype, device=dev)
+        grad_v = torch.empty(v.shape, dtype=v.dtype, device=dev)
         if weight is None:
             grad_weight, grad_bias = x.new_empty(0), x.new_empty(0)
         else:
@@ -475,7 +489,7 @@ class TritonBackend(Backend):
                 grad_weight if weight is not None else dummy,
                 grad_bias if weight is not None else dummy,
                 *plan.launch_args(), plan.num_groups, ddof,
-                HAS_BN=has_bn, HAS_WEIGHT=weight is not None, LOGITS=logits,
+                HAS_BN=has_bn, HAS_WEIGHT=weight is not None, LOGITS=logits, SCOPES=scopes,
                 WIDE=_wide(c, length, sx, sd),
                 **plan.blocks(), **plan.finalize(),
             )  # fmt: skip
