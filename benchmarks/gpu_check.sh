@@ -14,8 +14,9 @@
 #                contiguous and channels_last, kernels per call, CUDA-graph timing and the
 #                fraction of copy bandwidth (bench_layers.md / .json)
 #   cuda_checks  tests/test_cuda.py: the Triton backend selected on CUDA, its kernels per
-#                call, training steps without host synchronization (sync debug mode
-#                "error", no .item()/nonzero), a training step in a CUDA graph against
+#                call, every kernel of a whole SN / SyncBN call (at most 3 each way),
+#                training steps without host synchronization (sync debug mode "error",
+#                no .item()/nonzero), a training step in a CUDA graph against
 #                eager, torch.compile(mode="reduce-overhead")
 #   cuda_tests   the rest of tests/test_cuda.py (gloo on CUDA tensors; NCCL needs 2 GPUs)
 #   triton_tests tests/test_triton.py on CUDA tensors against the reference backend
@@ -84,8 +85,8 @@ run_part bench 240 "$PY" benchmarks/bench_layers.py --device cuda --world-sizes 
     --layouts contiguous channels_last --layers bn gn sn sync_sn sync_bn ssn \
     --warmup 5 --repeat 20 --json "$OUT/bench_layers.json" --markdown "$OUT/bench_layers.md"
 
-CHECKS="triton_backend_is_selected or kernels_per_training_call or host_synchronization \
-or cuda_graph or reduce_overhead"
+CHECKS="triton_backend_is_selected or kernels_per_training_call or three_kernels_each_way \
+or host_synchronization or cuda_graph or reduce_overhead"
 run_part cuda_checks 140 "${TEST[@]}" tests/test_cuda.py -k "$CHECKS"
 run_part cuda_tests 120 "${TEST[@]}" tests/test_cuda.py -k "not ($CHECKS)"
 run_part triton_tests 150 "${TEST[@]}" tests/test_triton.py -k "not compile_for_sm90"

@@ -50,6 +50,10 @@ __all__ = [
 ]
 
 NOT_FROZEN = -1
+# Whether sparsestmax stops its rounds once every vector has its result, for CPU tensors in
+# plain eager mode: it reads a device value on the host, free on CPU. On CUDA the rounds
+# always run whole, so that nothing waits for the device.
+STOP_EARLY_ON_CPU = True
 
 
 def _weights_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -328,7 +332,8 @@ class _SparseSwitchMixin(_SwitchNorm):
                 one_hot = one_hot + logits.to(dtype) * 0
             return one_hot, None, frozen
         # Both vectors in one call: the same bits as two, half the operations.
-        sparse = _sparsestmax_unchecked(logits.to(dtype), self.radius.to(dtype))
+        stop_early = STOP_EARLY_ON_CPU and logits.device.type == "cpu" and ops.plain_eager()
+        sparse = _sparsestmax_unchecked(logits.to(dtype), self.radius.to(dtype), stop_early)
         return torch.where(frozen.unsqueeze(-1) >= 0, one_hot, sparse), sparse, frozen
 
     def _forward_weights(self) -> tuple[Tensor, Tensor, bool, bool]:

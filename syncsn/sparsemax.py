@@ -192,7 +192,7 @@ def sparsestmax(z: Tensor, r: float | Tensor) -> Tensor:
     return _sparsestmax_unchecked(z, _check_radius(r, z))
 
 
-def _sparsestmax_unchecked(z: Tensor, radius: Tensor) -> Tensor:
+def _sparsestmax_unchecked(z: Tensor, radius: Tensor, stop_early: bool = False) -> Tensor:
     """:func:`sparsestmax` without its argument checks, which read device values.
 
     For callers that know their arguments are valid (an SSN layer: its logits are
@@ -205,6 +205,9 @@ def _sparsestmax_unchecked(z: Tensor, radius: Tensor) -> Tensor:
         z: floating-point finite logits ``(..., K)``, ``K >= 1``.
         radius: finite radii ``>= 0``, a tensor of ``z``'s dtype and device broadcastable
             to ``z.shape[:-1]``.
+        stop_early: return as soon as every vector has its result (the same bits and
+            gradients, fewer operations), which reads a device value on the host after each
+            round: for eager CPU tensors, where that read costs nothing.
 
     Returns:
         Tensor of the shape and dtype of ``z``, as :func:`sparsestmax`.
@@ -263,6 +266,9 @@ def _sparsestmax_unchecked(z: Tensor, radius: Tensor) -> Tensor:
         value = torch.where(keep_w.unsqueeze(-1), kept, p / p.sum(dim=-1, keepdim=True))
         result = torch.where(finished.unsqueeze(-1), value, result)
         done = done | finished
+        if stop_early and bool(done.all()):
+            # The remaining rounds and the last one would keep every result as it is.
+            return result
         # Re-project on the smaller face. Lowering the leaving coordinates (and those off
         # the support, which are 0) by 2 puts them below max(q) - 1 >= tau, so they are
         # excluded from the new support by construction: the support shrinks every round.

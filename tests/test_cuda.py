@@ -246,6 +246,34 @@ def test_layer_kernels_per_training_call_on_cuda(kind):
     assert len(ours_b) == 2, bwd
 
 
+WHOLE_CALL = {
+    "sn": (lambda: syncsn.SwitchNorm2d(8), (2, 8, 16, 16)),
+    "sn1d": (lambda: syncsn.SwitchNorm1d(8), (4, 8)),  # two scopes
+    "sn_no_bn": (lambda: syncsn.SwitchNorm2d(8, using_bn=False), (2, 8, 16, 16)),
+    "sync_sn": (lambda: syncsn.SyncSwitchNorm2d(8), (2, 8, 16, 16)),
+    "sync_bn": (lambda: syncsn.SyncBatchNorm(8), (2, 8, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("kind", WHOLE_CALL)
+def test_whole_layer_call_is_at_most_three_kernels_each_way_on_cuda(kind):
+    """Every kernel a training call launches, the layer's and any torch op around it (the
+    host copy of the merge's flags is a memcpy, not counted): at most three each way."""
+    make, shape = WHOLE_CALL[kind]
+    layer = make().cuda()
+    x = torch.randn(shape, device="cuda", requires_grad=True)
+    dy = torch.randn_like(x)
+    layer(x).backward(dy)  # compile and warm up
+    layer.zero_grad(set_to_none=True)  # as an optimizer does: no accumulation kernels
+    x.grad = None
+    holder = {}
+    fwd = _cuda_kernels(lambda: holder.update(y=layer(x)))
+    bwd = _cuda_kernels(lambda: holder["y"].backward(dy))
+    print(f"{kind}: forward kernels {fwd}; backward kernels {bwd}")
+    assert len(fwd) <= 3, fwd
+    assert len(bwd) <= 3, bwd
+
+
 class _NoHostReads(TorchDispatchMode):
     """Fails on the ops that read a device value on the host."""
 

@@ -33,6 +33,7 @@ from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncsn
+from syncsn import sparse_switchnorm
 from syncsn.kernels import passes_backend
 from syncsn.kernels.reference import ReferenceBackend
 
@@ -434,6 +435,9 @@ def _eager_case(rank, case):
             return original(self, *args, **kwargs)
 
     launcher.run = run
+    # The CUDA path: sparsestmax runs its rounds whole (on CPU it may stop early, reading a
+    # device value that costs nothing there).
+    sparse_switchnorm.STOP_EARLY_ON_CPU = False
     try:
         make, sizes, _ = LOCAL_CASES[case]
         torch.manual_seed(0)
@@ -452,6 +456,7 @@ def _eager_case(rank, case):
         return _host_reads(roots), len(layer_ops), backend_of(model, inputs[0])
     finally:
         launcher.run = original
+        sparse_switchnorm.STOP_EARLY_ON_CPU = True
 
 
 def _eager_case_on(rank, case, backend):

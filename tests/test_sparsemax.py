@@ -436,3 +436,15 @@ def test_sparsestmax_unchecked_gives_the_same_bits_without_host_reads():
         assert torch.equal(grad, torch.autograd.grad(expected, public, g)[0])
         rows = torch.stack([_sparsestmax_unchecked(z[i], r[i]) for i in range(64)])
         assert torch.equal(rows, got.detach())
+        # Stopping once every vector has its result (SSN on CPU): the same bits, row by row
+        # (most rows stop after the first round) and as a batch.
+        for i in range(64):
+            row = z[i].clone().requires_grad_()
+            early = _sparsestmax_unchecked(row, r[i], stop_early=True)
+            assert torch.equal(early, got[i].detach()), (k, i)
+            (early_grad,) = torch.autograd.grad(early, row, g[i])
+            assert torch.equal(early_grad, grad[i]), (k, i)
+        batch = z.clone().requires_grad_()
+        early = _sparsestmax_unchecked(batch, r, stop_early=True)
+        assert torch.equal(early, got.detach())
+        assert torch.equal(torch.autograd.grad(early, batch, g)[0], grad)
