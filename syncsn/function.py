@@ -56,6 +56,9 @@ class LayerCall:
         logits: SN's ``w`` and ``v`` are logits, whose softmax the kernels compute.
         scopes: the mask of the layer's scopes (bits 1 = IN, 2 = LN, 4 = BN) that ``w`` and
             ``v`` have an entry for.
+        selected: for ``w`` and ``v``, the scope (an index into the layer's scopes) a
+            settled SSN layer is frozen on, whose one-hot weights the kernels use (with a
+            zero gradient) whatever the vector holds; -1 when not frozen.
     """
 
     layer: str
@@ -70,6 +73,7 @@ class LayerCall:
     eager: bool = False
     logits: bool = False
     scopes: int = 7
+    selected: tuple[int, int] = (-1, -1)
 
 
 # A layer's calls repeat a few settings: in plain eager mode each is made once (building a
@@ -91,6 +95,7 @@ def layer_call(
     eager: bool,
     logits: bool = False,
     scopes: int = 7,
+    selected: tuple[int, int] = (-1, -1),
 ) -> LayerCall:
     """The :class:`LayerCall` of these settings; in plain eager mode one shared object."""
     settings = (
@@ -106,6 +111,7 @@ def layer_call(
         eager,
         logits,
         scopes,
+        selected,
     )
     return _same_call(*settings) if eager else LayerCall(*settings)
 
@@ -193,8 +199,9 @@ class SwitchNormFunction(torch.autograd.Function):
             assert running_mean is not None and running_var is not None
             bn_mean, bn_var = running_mean.double(), running_var.double()
         y, mixed = steps.sn_output(
-            x, stats, bn_mean, bn_var, w, v, weight, bias, call.eps, call.logits, call.scopes
-        )
+            x, stats, bn_mean, bn_var, w, v, weight, bias, call.eps, call.logits, call.scopes,
+            call.selected,
+        )  # fmt: skip
 
         ctx.save_for_backward(x, w, v, weight, *stats, *mixed, bn_mean, bn_var, count)
         ctx.call = call
@@ -213,7 +220,7 @@ class SwitchNormFunction(torch.autograd.Function):
         steps = _backward_steps(ctx, x, weight, eager)
         grads = steps.sn_backward_reduce(
             x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, call.ddof, call.logits,
-            call.scopes,
+            call.scopes, call.selected,
         )  # fmt: skip
         totals = None
         if ctx.batch_scope:

@@ -32,6 +32,7 @@ __all__ = [
     "on_all_scopes",
     "switches_on_all_scopes",
     "on_own_scopes",
+    "one_hot_where_selected",
     "centred_sums",
     "fold_running",
     "check_spatial_size",
@@ -199,6 +200,18 @@ def switches_on_all_scopes(
         return w, v
     absent = -math.inf if logits else 0.0
     return on_all_scopes(w, scopes, absent), on_all_scopes(v, scopes, absent)
+
+
+def one_hot_where_selected(weights: Tensor, selected: int, scopes: int) -> Tensor:
+    """The (3,) mixing ``weights`` over (IN, LN, BN) as they are, or, when ``selected >= 0``,
+    the float64 one-hot vector of the ``selected``-th scope of mask ``scopes`` (a frozen SSN
+    vector)."""
+    if selected < 0:
+        return weights
+    own = [k for k, bit in enumerate(SCOPE_BITS.values()) if scopes & bit]
+    one_hot = torch.zeros(3, dtype=torch.float64, device=weights.device)
+    one_hot[own[selected]] = 1.0
+    return one_hot
 
 
 def on_own_scopes(grad: Tensor, scopes: int) -> Tensor:

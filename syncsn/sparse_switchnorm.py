@@ -336,20 +336,29 @@ class _SparseSwitchMixin(_SwitchNorm):
         sparse = _sparsestmax_unchecked(logits.to(dtype), self.radius.to(dtype), stop_early)
         return torch.where(frozen.unsqueeze(-1) >= 0, one_hot, sparse), sparse, frozen
 
-    def _forward_weights(self) -> tuple[Tensor, Tensor, bool, bool]:
+    def _forward_weights(self) -> tuple[Tensor, Tensor, bool, bool, tuple[int, int]]:
         reads = self._reads()
-        weights, sparse, frozen = self._weights(reads.settled is not None)
+        settled = reads.settled
+        if settled is not None:
+            # The kernels use the frozen scopes' one-hot weights and give the logits a zero
+            # gradient (DistributedDataParallel expects one for every parameter that
+            # requires grad): no operation around the layer's passes.
+            return self.mean_weight, self.var_weight, self._uses_bn(settled), False, settled
+        weights, sparse, frozen = self._weights(False)
         if self.training and sparse is not None:
             self._freeze_one_hot(sparse.detach(), frozen, reads)
-        use_bn = self.using_bn
-        # Read after the freezing step: on CPU the host knows at once what it froze.
+        # Read after the freezing step: on CPU the host knows at once what it froze; the
+        # weights of this call are already the one-hot ones.
         settled = reads.settled
+        return weights[0], weights[1], self._uses_bn(settled), False, (-1, -1)
+
+    def _uses_bn(self, settled: tuple[int, int] | None) -> bool:
         if settled is not None and "bn" in self.scopes:
             # Frozen off BN: without the BN scope the Function neither computes the batch
             # statistics nor communicates (its weights are exactly 0). Until the host knows,
             # the batch scope is computed with weight 0, which gives the same output.
-            use_bn = use_bn and self.scopes.index("bn") in settled
-        return weights[0], weights[1], use_bn, False
+            return self.using_bn and self.scopes.index("bn") in settled
+        return self.using_bn
 
     def _freeze_one_hot(self, weights: Tensor, frozen: Tensor, reads: _FrozenReads) -> None:
         """Record in the buffers the vectors whose ``weights`` (2, K) have become one-hot,

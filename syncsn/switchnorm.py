@@ -81,6 +81,13 @@ def exporting() -> bool:
 ALL_SCOPES = ("in", "ln", "bn")
 
 
+def _one_hot_where_selected(w: Tensor, selected: int) -> Tensor:
+    """``w``, or the one-hot (K,) weights of scope ``selected`` in w's dtype (export graphs)."""
+    if selected < 0:
+        return w
+    return (torch.arange(w.shape[0], device=w.device) == selected).to(w.dtype)
+
+
 class _SwitchNorm(_BatchNorm):
     """Parameters, buffers and argument checks shared by the SN family.
 
@@ -217,7 +224,7 @@ class _SwitchNorm(_BatchNorm):
         """(process group name, size) this call synchronizes over; (None, 1): none."""
         return None, 1
 
-    def _layer_call(self, logits: bool, eager: bool) -> LayerCall:
+    def _layer_call(self, logits: bool, eager: bool, selected: tuple[int, int]) -> LayerCall:
         group, world = self._sync_target()
         return layer_call(
             self._describe(),
@@ -232,17 +239,19 @@ class _SwitchNorm(_BatchNorm):
             eager,
             logits,
             F.scope_mask(self.scopes),
+            selected,
         )
 
     def _check_input(self, x: Tensor) -> None:
         check_input(x, self, self._ndims, self._layout)
 
-    def _forward_weights(self) -> tuple[Tensor, Tensor, bool, bool]:
+    def _forward_weights(self) -> tuple[Tensor, Tensor, bool, bool, tuple[int, int]]:
         """What this call mixes the scopes with, (K,) over ``scopes`` each for the means and
         the variances; whether it uses the BN scope (a subclass may know that the BN scope's
-        weights are exactly 0); and whether those are logits. SN passes its logits: the
+        weights are exactly 0); whether those are logits; and for each vector the scope it
+        is frozen on, -1 when not (:attr:`LayerCall.selected`). SN passes its logits: the
         kernels compute the softmax (and its backward) as part of their passes."""
-        return self.mean_weight, self.var_weight, self.using_bn, True
+        return self.mean_weight, self.var_weight, self.using_bn, True, (-1, -1)
 
     def _debug_check(self, x: Tensor) -> None:
         """With SYNCSN_DEBUG=1, what a Sync layer checks about the other ranks."""
@@ -250,7 +259,7 @@ class _SwitchNorm(_BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         self._debug_check(x)
-        w, v, use_bn, logits = self._forward_weights()
+        w, v, use_bn, logits, selected = self._forward_weights()
         # torch's rule: without tracked running statistics the BN scope is the batch's, in
         # eval mode too (where it is local: eval never communicates).
         tracked = self.track_running_stats and self.running_mean is not None
@@ -262,6 +271,7 @@ class _SwitchNorm(_BatchNorm):
         eager = ops.plain_eager()  # (no export or trace records an eager call)
         if not eager and exporting() and not self.training and (tracked or not use_bn):
             # A deployable graph: plain torch operations in the model's dtype.
+            w, v = _one_hot_where_selected(w, selected[0]), _one_hot_where_selected(v, selected[1])
             w, v = F.switches_on_all_scopes(w, v, logits, F.scope_mask(self.scopes))
             if logits:
                 w, v = torch.softmax(w, dim=0), torch.softmax(v, dim=0)
@@ -269,7 +279,7 @@ class _SwitchNorm(_BatchNorm):
                 x, w, v, running_mean if use_bn else None, running_var if use_bn else None,
                 self.weight, self.bias, self.eps, ddof=1 if self._ndims == (2,) else 0,
             )  # fmt: skip
-        call = self._layer_call(logits, eager)
+        call = self._layer_call(logits, eager, selected)
         return SwitchNormFunction.apply(
             x, w, v, self.weight, self.bias, running_mean, running_var, num_batches, use_bn,
             call, grad_anchor(x, call),

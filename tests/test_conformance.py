@@ -237,6 +237,29 @@ def simplex(seed: int, with_bn: bool, dtype: torch.dtype) -> Tensor:
     return (w / w.sum()).to(dtype)
 
 
+def check_selected(x, dy, stats, mixed, reduced, bn_mean, bn_var, w, v, gamma, beta, ddof,
+                   scopes, selected):  # fmt: skip
+    """The reference's frozen vectors against the math: the one-hot weights given as
+    weights, and a zero gradient for them."""
+    one_hot = [torch.zeros_like(w), torch.zeros_like(v)]
+    for vector, scope in zip(one_hot, selected, strict=True):
+        if scope >= 0:
+            vector[scope] = 1
+    w1 = one_hot[0] if selected[0] >= 0 else w
+    v1 = one_hot[1] if selected[1] >= 0 else v
+    y_sel, mixed_sel = REF.sn_output(x, stats, bn_mean, bn_var, w, v, gamma, beta, 1e-5, False,
+                                     scopes, selected)  # fmt: skip
+    y_hot, mixed_hot = REF.sn_output(x, stats, bn_mean, bn_var, w1, v1, gamma, beta, 1e-5,
+                                     False, scopes)  # fmt: skip
+    assert torch.equal(y_sel, y_hot) and torch.equal(mixed_sel.var, mixed_hot.var)
+    hot = REF.sn_backward_reduce(x, dy, stats, mixed, bn_mean, bn_var, w1, v1, gamma, ddof,
+                                 False, scopes)  # fmt: skip
+    assert torch.equal(reduced.grad_mean, hot.grad_mean)
+    for grad, free, scope in ((reduced.grad_w, hot.grad_w, selected[0]),
+                              (reduced.grad_v, hot.grad_v, selected[1])):  # fmt: skip
+        assert torch.equal(grad, torch.zeros_like(grad) if scope >= 0 else free)
+
+
 @pytest.mark.parametrize("entry,case", params_for(BACKENDS, _cases(SN_SHAPES) + LARGE))
 def test_sn_steps(backend, entry, case):
     """Each SN step, in training (batch scope), eval (running statistics; the gradient in
@@ -253,17 +276,21 @@ def test_sn_steps(backend, entry, case):
 
     stats, partials = run_step(backend, "sn_stats", x=x, ddof=ddof)
     batch = REF.merge(partials[None], ddof, None, None, None, 0.1, ddof)
-    # mode: the layer's scopes (their mask), whether it is affine, the BN scope.
+    # mode: the layer's scopes (their mask), whether it is affine, the BN scope, the scopes
+    # the mean and variance weights are frozen on (a settled SSN layer; -1: not frozen).
+    batch_scope = (batch.mean, batch.var)
     modes = {
-        "train": (7, True, (batch.mean, batch.var)),
-        "eval": (7, True, running),
-        "no_bn": (3, False, (None, None)),  # IN and LN (using_bn=False)
-        "ln_bn": (6, True, (batch.mean, batch.var)),  # LN and BN (SwitchNorm1d)
+        "train": (7, True, batch_scope, (-1, -1)),
+        "eval": (7, True, running, (-1, -1)),
+        "no_bn": (3, False, (None, None), (-1, -1)),  # IN and LN (using_bn=False)
+        "ln_bn": (6, True, batch_scope, (-1, -1)),  # LN and BN (SwitchNorm1d)
+        "frozen": (7, True, batch_scope, (2, 0)),  # BN for the means, IN for the variances
+        "frozen_ln_bn": (6, True, batch_scope, (-1, 0)),  # LN for the variances
     }
-    for mode, (scopes, affine, (bn_mean, bn_var)) in modes.items():
+    for mode, (scopes, affine, (bn_mean, bn_var), selected) in modes.items():
         # SN's logits in training and without BN, weights on the simplex (as SSN passes
-        # them) in eval; (K,) over the layer's own scopes.
-        logits = mode != "eval"
+        # them) in eval and when frozen; (K,) over the layer's own scopes.
+        logits = mode not in ("eval", "frozen", "frozen_ln_bn")
         own = [k for k in range(3) if scopes >> k & 1]
         w = simplex(3, scopes & 4, pdtype)[own]
         v = simplex(4, scopes & 4, pdtype)[own]
@@ -273,14 +300,17 @@ def test_sn_steps(backend, entry, case):
         gamma, beta = (weight, bias) if affine else (None, None)
         _, mixed = run_step(
             backend, "sn_output", x=x, stats=stats, bn_mean=bn_mean, bn_var=bn_var, w=w, v=v,
-            weight=gamma, bias=beta, eps=1e-5, logits=logits, scopes=scopes,
+            weight=gamma, bias=beta, eps=1e-5, logits=logits, scopes=scopes, selected=selected,
         )  # fmt: skip
         grad = dy.contiguous() if mode == "eval" else dy
         reduced = run_step(
             backend, "sn_backward_reduce", x=x, dy=grad, stats=stats, mixed=mixed,
             bn_mean=bn_mean, bn_var=bn_var, w=w, v=v, weight=gamma, ddof=ddof, logits=logits,
-            scopes=scopes,
+            scopes=scopes, selected=selected,
         )  # fmt: skip
+        if selected != (-1, -1):
+            check_selected(x, dy, stats, mixed, reduced, bn_mean, bn_var, w, v, gamma, beta,
+                           ddof, scopes, selected)  # fmt: skip
         synced = bn_mean is not None and mode != "eval"
         # What the layer gives the input step: the reduction's (N, C) terms.
         empty = x.new_empty(0)

@@ -148,6 +148,11 @@ def _exercise(tb, shape, dtype, fmt) -> None:
         tb.sn_backward_reduce(
             x, dy, stats, mixed, bn_mean, bn_var, w[:2], w[:2], gamma, ddof, True, scopes
         )
+        # A settled SSN layer: both vectors frozen.
+        tb.sn_output(x, stats, bn_mean, bn_var, w, w, gamma, b, 1e-5, False, 7, (2, 0))
+        tb.sn_backward_reduce(
+            x, dy, stats, mixed, bn_mean, bn_var, w, w, gamma, ddof, False, 7, (2, 0)
+        )
         for logits in (False, True):
             tb.sn_output(x, stats, bn_mean, bn_var, w, w, gamma, b, 1e-5, logits)
             tb.sn_backward_reduce(x, dy, stats, mixed, bn_mean, bn_var, w, w, gamma, ddof, logits)
@@ -182,8 +187,8 @@ def main(argv=None) -> int:
         "--cases",
         choices=("quick", "small", "gpu"),
         default="small",
-        help="quick: one variant of each kernel; small: test shapes; gpu: benchmark shapes "
-        "cut for a 132-multiprocessor device",
+        help="quick: one variant of each kernel (two of SN's); small: test shapes; gpu: "
+        "benchmark shapes cut for a 132-multiprocessor device",
     )
     opts = p.parse_args(argv)
     if opts.cases == "gpu":
@@ -194,7 +199,8 @@ def main(argv=None) -> int:
         signature, constants = _signature(fn, args, kwargs)
         key = (name, tuple(sorted(signature.items())), tuple(sorted(map(str, constants.items()))))
         if opts.cases == "quick":
-            key = (name,)
+            # One variant of each kernel, and SN's with frozen (one-hot) switch vectors.
+            key = (name, constants.get("SELECT_W", -1) >= 0)
         variants.setdefault(key, (name, fn, signature, constants, kwargs.get("num_warps", 4)))
     target = GPUTarget("cuda", opts.arch, 32)
     t0 = time.perf_counter()

@@ -47,6 +47,18 @@ class _Kernels:
 _LIB = _Kernels()
 
 
+def _switches(
+    w: Tensor, v: Tensor, logits: bool, scopes: int, selected: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """The (3,) switch vectors over (IN, LN, BN) the kernels take."""
+    w, v = F.switches_on_all_scopes(w, v, logits, scopes)
+    if selected == (-1, -1):
+        return w, v
+    w = F.one_hot_where_selected(w, selected[0], scopes).to(w.dtype)
+    v = F.one_hot_where_selected(v, selected[1], scopes).to(v.dtype)
+    return w, v
+
+
 class CppBackend(Backend):
     name = "cpp"
 
@@ -81,27 +93,35 @@ class CppBackend(Backend):
         *stats, partials = _LIB.sn_stats(x, ddof)
         return SNStats(*stats), partials
 
-    def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes=7):
-        w, v = F.switches_on_all_scopes(w, v, logits, scopes)
+    def sn_output(
+        self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes=7,
+        selected=(-1, -1),
+    ):  # fmt: skip
+        w, v = _switches(w, v, logits, scopes, selected)
         y, mean, var, rstd = _LIB.sn_output(
             x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits
         )
         return y, SNMixed(mean, var, rstd)
 
     def sn_backward_reduce(
-        self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes=7
+        self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes=7,
+        selected=(-1, -1),
     ):  # fmt: skip
-        w, v = F.switches_on_all_scopes(w, v, logits, scopes)
+        w3, v3 = _switches(w, v, logits, scopes, selected)
         grads = SNGrads._make(
             _LIB.sn_backward_reduce(
-                x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof, logits
+                x, dy, *stats, *mixed, bn_mean, bn_var, w3, v3, weight, ddof, logits
             )
         )
-        if scopes == F.ALL_SCOPES:
+        if scopes == F.ALL_SCOPES and selected == (-1, -1):
             return grads
+        grad_w, grad_v = (
+            F.on_own_scopes(grads.grad_w, scopes),
+            F.on_own_scopes(grads.grad_v, scopes),
+        )
         return grads._replace(
-            grad_w=F.on_own_scopes(grads.grad_w, scopes),
-            grad_v=F.on_own_scopes(grads.grad_v, scopes),
+            grad_w=torch.zeros_like(w) if selected[0] >= 0 else grad_w,
+            grad_v=torch.zeros_like(v) if selected[1] >= 0 else grad_v,
         )
 
     def sn_backward_input(self, x, dy, stats, mixed, grads, bn_mean, totals, count, weight, ddof):

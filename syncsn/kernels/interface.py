@@ -22,7 +22,10 @@ Conventions, shared by every backend:
   ``v`` as (3,) vectors; one with fewer (SwitchNorm1d: LN and BN; ``using_bn=False``: IN and
   LN) passes (K,) vectors over its own scopes and their mask ``scopes`` (bits 1 = IN,
   2 = LN, 4 = BN), and gets (K,) gradients: the backend puts a missing scope's entry in
-  (weight 0), so that the layer runs no operation to do it.
+  (weight 0), so that the layer runs no operation to do it. ``selected`` (the frozen scopes
+  of a settled SSN layer: an index into the layer's scopes for ``w`` and for ``v``, -1 when
+  not frozen; ``logits`` False) makes that vector the one-hot weights of that scope,
+  whatever its entries, with a zero gradient.
 * ``ddof`` is 0 for SN over (N, C, *S) and 1 for SwitchNorm1d, whose LN and BN scopes
   divide by C - 1 and N - 1 (the IN variance always divides by L - 1; with L = 1 there is
   no IN scope and its variance is 0).
@@ -182,6 +185,7 @@ class Backend:
         eps: float,
         logits: bool,
         scopes: int = 7,
+        selected: tuple[int, int] = (-1, -1),
     ) -> tuple[Tensor, SNMixed]:
         """Mix the scopes and normalize: y = weight * (x - mu) * rstd + bias.
 
@@ -207,6 +211,7 @@ class Backend:
         ddof: int,
         logits: bool,
         scopes: int = 7,
+        selected: tuple[int, int] = (-1, -1),
     ) -> SNGrads:
         """The backward reduction pass (sum dy, sum dy * (x - centre) per (n, c)) and the
         small math up to the backward collective (which sums ``totals`` over the ranks).

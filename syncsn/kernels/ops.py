@@ -176,16 +176,20 @@ def _sn_output(
     eps: float,
     logits: bool,
     scopes: int,
+    select_w: int,
+    select_v: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     stats = SNStats(centre, mean, var, ln_mean, ln_var)
     backend = passes_backend(x, weight, bias)
-    y, mixed = backend.sn_output(x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes)
+    y, mixed = backend.sn_output(
+        x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes, (select_w, select_v)
+    )
     return (y, *mixed)
 
 
 @_sn_output.register_fake
 def _(x, centre, mean, var, ln_mean, ln_var, bn_mean, bn_var, w, v, weight, bias, eps, logits,
-      scopes):  # fmt: skip
+      scopes, select_w, select_v):  # fmt: skip
     return _like_x(x), _nc(x), _nc(x), _nc(x)
 
 
@@ -201,9 +205,12 @@ def sn_output(
     eps: float,
     logits: bool,
     scopes: int = 7,
+    selected: tuple[int, int] = (-1, -1),
 ) -> tuple[Tensor, SNMixed]:
     """:meth:`Backend.sn_output <syncsn.kernels.interface.Backend.sn_output>`."""
-    y, *mixed = _sn_output(x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes)
+    y, *mixed = _sn_output(
+        x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes, *selected
+    )
     return y, SNMixed(*mixed)
 
 
@@ -227,18 +234,21 @@ def _sn_backward_reduce(
     ddof: int,
     logits: bool,
     scopes: int,
+    select_w: int,
+    select_v: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     stats = SNStats(centre, mean, var, ln_mean, ln_var)
     mixed = SNMixed(mixed_mean, mixed_var, rstd)
     grads = passes_backend(x, weight).sn_backward_reduce(
-        x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes
-    )
+        x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes,
+        (select_w, select_v),
+    )  # fmt: skip
     return tuple(grads)  # type: ignore[return-value]
 
 
 @_sn_backward_reduce.register_fake
 def _(x, dy, centre, mean, var, ln_mean, ln_var, mixed_mean, mixed_var, rstd, bn_mean, bn_var,
-      w, v, weight, ddof, logits, scopes):  # fmt: skip
+      w, v, weight, ddof, logits, scopes, select_w, select_v):  # fmt: skip
     return (
         _c(x, 2), _nc(x), _nc(x), torch.empty_like(w), torch.empty_like(v),
         _param_grad(x, weight), _param_grad(x, weight),
@@ -258,12 +268,13 @@ def sn_backward_reduce(
     ddof: int,
     logits: bool,
     scopes: int = 7,
+    selected: tuple[int, int] = (-1, -1),
 ) -> SNGrads:
     """:meth:`Backend.sn_backward_reduce
     <syncsn.kernels.interface.Backend.sn_backward_reduce>`."""
     return SNGrads(
         *_sn_backward_reduce(
-            x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes
+            x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes, *selected
         )
     )
 

@@ -110,8 +110,11 @@ class ReferenceBackend(Backend):
         ln_mean, ln_var = F.layer_moments(mean, var, ddof)
         return SNStats(centre, mean, var, ln_mean, ln_var), F.sample_partials(mean, var)
 
-    def sn_output(self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes=7):
-        w64, v64 = _mixing64(w, v, logits, scopes)
+    def sn_output(
+        self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes=7,
+        selected=(-1, -1),
+    ):  # fmt: skip
+        w64, v64 = _mixing64(w, v, logits, scopes, selected)
         has_bn = bn_mean is not None and bn_var is not None
         mu = F.mix(w64, [stats.mean, stats.ln_mean[:, None], bn_mean[None] if has_bn else None])
         var = F.mix(v64, [stats.var, stats.ln_var[:, None], bn_var[None] if has_bn else None])
@@ -123,10 +126,11 @@ class ReferenceBackend(Backend):
         return _affine(x, stats.centre, scale, shift), SNMixed(mu, var, rstd)
 
     def sn_backward_reduce(
-        self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes=7
+        self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes=7,
+        selected=(-1, -1),
     ):  # fmt: skip
         c = x.shape[1]
-        w64, v64 = _mixing64(w, v, logits, scopes)
+        w64, v64 = _mixing64(w, v, logits, scopes, selected)
         gamma = _gamma(weight, mixed.rstd)
         s1, s2c = F.centred_sums(x, stats.centre, dy)
         s2 = s2c + (stats.centre.double() - mixed.mean) * s1  # sum dy * (x - mu)
@@ -158,6 +162,11 @@ class ReferenceBackend(Backend):
         if logits:
             grad_w, grad_v = F.logit_grads(grad_w, w64), F.logit_grads(grad_v, v64)
         grad_w, grad_v = F.on_own_scopes(grad_w, scopes), F.on_own_scopes(grad_v, scopes)
+        # A selected (frozen) vector is a constant of the layer.
+        if selected[0] >= 0:
+            grad_w = torch.zeros_like(grad_w)
+        if selected[1] >= 0:
+            grad_v = torch.zeros_like(grad_v)
         if weight is None:
             grad_weight, grad_bias = _empty_like_param(weight, x), _empty_like_param(weight, x)
         else:
@@ -227,7 +236,13 @@ class ReferenceBackend(Backend):
         )  # fmt: skip
 
 
-def _mixing64(w: Tensor, v: Tensor, logits: bool, scopes: int) -> tuple[Tensor, Tensor]:
+def _mixing64(
+    w: Tensor, v: Tensor, logits: bool, scopes: int, selected: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
     """The (3,) float64 mixing weights over (IN, LN, BN) of (K,) ``w``, ``v``."""
     w, v = F.switches_on_all_scopes(w, v, logits, scopes)
-    return F.mixing_weights64(w, logits), F.mixing_weights64(v, logits)
+    w64, v64 = F.mixing_weights64(w, logits), F.mixing_weights64(v, logits)
+    return (
+        F.one_hot_where_selected(w64, selected[0], scopes),
+        F.one_hot_where_selected(v64, selected[1], scopes),
+    )

@@ -208,14 +208,21 @@ def _bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-def _check_switches(w: Tensor, v: Tensor, scopes: int) -> None:
-    """The kernels read one entry of ``w`` and ``v`` per scope of the mask."""
-    k = bin(scopes).count("1")
+def _check_switches(
+    w: Tensor, v: Tensor, scopes: int, selected: tuple[int, int]
+) -> tuple[int, int]:
+    """The kernels read one entry of ``w`` and ``v`` per scope of the mask; returns the
+    selected scopes as indices into (IN, LN, BN), -1 for none."""
+    own = [k for k in range(3) if scopes >> k & 1]
+    k = len(own)
     if not 0 < scopes < 8 or w.shape != (k,) or v.shape != (k,):
         raise ValueError(
             f"expected switch vectors of shape ({k},) for the scope mask {scopes}, got "
             f"{tuple(w.shape)} and {tuple(v.shape)}"
         )
+    if not all(-1 <= s < k for s in selected):
+        raise ValueError(f"expected selected scopes in [-1, {k}), got {selected}")
+    return tuple(own[s] if s >= 0 else -1 for s in selected)  # type: ignore[return-value]
 
 
 # --- counters of the finalizing programs --------------------------------------------------
@@ -413,8 +420,9 @@ class TritonBackend(Backend):
         eps: float,
         logits: bool,
         scopes: int = 7,
+        selected: tuple[int, int] = (-1, -1),
     ) -> tuple[Tensor, SNMixed]:
-        _check_switches(w, v, scopes)
+        select_w, select_v = _check_switches(w, v, scopes, selected)
         plan, n, c, length = self._plan(x)
         sx = _ncl(x)
         y = torch.empty_like(x)
@@ -435,7 +443,8 @@ class TritonBackend(Backend):
                 bias.contiguous() if bias is not None else dummy,
                 _bits(eps), *mixed, plan.num_cb, plan.rows, plan.chunks, plan.chunk_len,
                 HAS_BN=has_bn, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                LOGITS=logits, SCOPES=scopes, WIDE=_wide(c, length, sx, sy), **plan.blocks(),
+                LOGITS=logits, SCOPES=scopes, SELECT_W=select_w, SELECT_V=select_v,
+                WIDE=_wide(c, length, sx, sy), **plan.blocks(),
             )  # fmt: skip
         return y, SNMixed(*mixed)
 
@@ -453,8 +462,9 @@ class TritonBackend(Backend):
         ddof: int,
         logits: bool,
         scopes: int = 7,
+        selected: tuple[int, int] = (-1, -1),
     ) -> SNGrads:
-        _check_switches(w, v, scopes)
+        select_w, select_v = _check_switches(w, v, scopes, selected)
         plan, n, c, length = self._plan(x)
         sx = _ncl(x)
         assert sx is not None
@@ -490,7 +500,7 @@ class TritonBackend(Backend):
                 grad_bias if weight is not None else dummy,
                 *plan.launch_args(), plan.num_groups, ddof,
                 HAS_BN=has_bn, HAS_WEIGHT=weight is not None, LOGITS=logits, SCOPES=scopes,
-                WIDE=_wide(c, length, sx, sd),
+                SELECT_W=select_w, SELECT_V=select_v, WIDE=_wide(c, length, sx, sd),
                 **plan.blocks(), **plan.finalize(),
             )  # fmt: skip
         return SNGrads(totals, grad_mean, grad_var, grad_w, grad_v, grad_weight, grad_bias)

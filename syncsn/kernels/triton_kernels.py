@@ -419,20 +419,37 @@ def _switch(w_ptr, index: tl.constexpr, PRESENT: tl.constexpr, LOGITS: tl.conste
 
 
 @triton.jit
-def _mixing(w_ptr, LOGITS: tl.constexpr, SCOPES: tl.constexpr):
+def _one_hot_entry(k: tl.constexpr, SELECT: tl.constexpr):
+    if k == SELECT:
+        return tl.full([], 1.0, tl.float64)
+    else:
+        return tl.full([], 0.0, tl.float64)
+
+
+@triton.jit
+def _mixing(w_ptr, LOGITS: tl.constexpr, SCOPES: tl.constexpr, SELECT: tl.constexpr):
     """The three mixing weights over (IN, LN, BN) in float64 (functional.mixing_weights64)
     from the (K,) vector over the scopes of the mask ``SCOPES``: the softmax of logits, or
-    weights renormalised to sum to 1."""
-    w0 = _switch(w_ptr, 0, SCOPES & 1, LOGITS)
-    w1 = _switch(w_ptr, SCOPES & 1, (SCOPES >> 1) & 1, LOGITS)
-    w2 = _switch(w_ptr, (SCOPES & 1) + ((SCOPES >> 1) & 1), (SCOPES >> 2) & 1, LOGITS)
-    if LOGITS:
-        top = tl.maximum(tl.maximum(w0, w1), w2)
-        w0 = tl.exp(w0 - top)
-        w1 = tl.exp(w1 - top)
-        w2 = tl.exp(w2 - top)
-    total = w0 + w1 + w2
-    return w0 / total, w1 / total, w2 / total
+    weights renormalised to sum to 1; with ``SELECT`` >= 0 (a frozen vector) the one-hot
+    weights of scope ``SELECT``."""
+    if SELECT >= 0:
+        w0 = _one_hot_entry(0, SELECT)
+        w1 = _one_hot_entry(1, SELECT)
+        w2 = _one_hot_entry(2, SELECT)
+    else:
+        w0 = _switch(w_ptr, 0, SCOPES & 1, LOGITS)
+        w1 = _switch(w_ptr, SCOPES & 1, (SCOPES >> 1) & 1, LOGITS)
+        w2 = _switch(w_ptr, (SCOPES & 1) + ((SCOPES >> 1) & 1), (SCOPES >> 2) & 1, LOGITS)
+        if LOGITS:
+            top = tl.maximum(tl.maximum(w0, w1), w2)
+            w0 = tl.exp(w0 - top)
+            w1 = tl.exp(w1 - top)
+            w2 = tl.exp(w2 - top)
+        total = w0 + w1 + w2
+        w0 = w0 / total
+        w1 = w1 / total
+        w2 = w2 / total
+    return w0, w1, w2
 
 
 @triton.jit
@@ -450,8 +467,8 @@ def sn_output_kernel(
     mix_mean_ptr, mix_var_ptr, rstd_ptr,
     num_cb, rows, chunks, chunk_len,
     HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    LOGITS: tl.constexpr, SCOPES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-    WIDE: tl.constexpr, EVEN_C: tl.constexpr,
+    LOGITS: tl.constexpr, SCOPES: tl.constexpr, SELECT_W: tl.constexpr, SELECT_V: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """Prologue: the mixing weights, and the scopes of each (n, c) mixed (float64); then
     y = (x - centre) a + b."""
@@ -463,8 +480,8 @@ def sn_output_kernel(
     l_hi = tl.minimum(l_lo + chunk_len, L)
     lanes = tl.arange(0, BLOCK_L)
     eps = _f64(eps_bits)
-    w0, w1, w2 = _mixing(w_ptr, LOGITS, SCOPES)
-    v0, v1, v2 = _mixing(v_ptr, LOGITS, SCOPES)
+    w0, w1, w2 = _mixing(w_ptr, LOGITS, SCOPES, SELECT_W)
+    v0, v1, v2 = _mixing(v_ptr, LOGITS, SCOPES, SELECT_V)
     gamma = _param(weight_ptr, c, cm, 1.0, HAS_WEIGHT)
     beta = _param(bias_ptr, c, cm, 0.0, HAS_BIAS)
     if HAS_BN:
@@ -611,8 +628,9 @@ def sn_reduce_kernel(
     grad_bias_ptr,
     num_cb, rows, num_rb, chunks, chunk_len, num_groups, ddof,
     HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, LOGITS: tl.constexpr, SCOPES: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, GROUP: tl.constexpr, FIN_N: tl.constexpr,
-    FIN_CH: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
+    SELECT_W: tl.constexpr, SELECT_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr, GROUP: tl.constexpr, FIN_N: tl.constexpr, FIN_CH: tl.constexpr,
+    WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """SN's backward reduction and the small math up to the backward collective.
 
@@ -642,13 +660,13 @@ def sn_reduce_kernel(
             centre_ptr, mean_ptr, var_ptr, ln_mean_ptr, ln_var_ptr, mix_mean_ptr, mix_var_ptr,
             rstd_ptr, bn_mean_ptr, bn_var_ptr, w_ptr, v_ptr, weight_ptr,
             totals_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr, grad_bias_ptr,
-            HAS_BN, HAS_WEIGHT, LOGITS, SCOPES, GROUP, FIN_N, FIN_CH,
+            HAS_BN, HAS_WEIGHT, LOGITS, SCOPES, SELECT_W, SELECT_V, GROUP, FIN_N, FIN_CH,
         )  # fmt: skip
         if _arrive(cnt_ptr + num_groups, num_groups):
             _sn_reduce_rows(
                 rows_ws_ptr, gw_ws_ptr, N, C, num_groups, ddof, mean_ptr, ln_mean_ptr,
                 w_ptr, v_ptr, grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr, LOGITS,
-                SCOPES,
+                SCOPES, SELECT_W, SELECT_V,
             )  # fmt: skip
 
 
@@ -659,14 +677,15 @@ def _sn_reduce_group(
     rstd_ptr, bn_mean_ptr, bn_var_ptr, w_ptr, v_ptr, weight_ptr,
     totals_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr, grad_bias_ptr,
     HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, LOGITS: tl.constexpr,
-    SCOPES: tl.constexpr, GROUP: tl.constexpr, FIN_N: tl.constexpr, FIN_CH: tl.constexpr,
+    SCOPES: tl.constexpr, SELECT_W: tl.constexpr, SELECT_V: tl.constexpr, GROUP: tl.constexpr,
+    FIN_N: tl.constexpr, FIN_CH: tl.constexpr,
 ):  # fmt: skip
     """Per (n, c) of one channel group: d loss / d mu and d loss / d var (stored in the
     gradient outputs, completed by :func:`_sn_reduce_rows`), and the per-channel sums."""
     cg = g * GROUP + tl.arange(0, GROUP)
     gm = cg < C
-    w0, w1, w2 = _mixing(w_ptr, LOGITS, SCOPES)
-    v0, v1, v2 = _mixing(v_ptr, LOGITS, SCOPES)
+    w0, w1, w2 = _mixing(w_ptr, LOGITS, SCOPES, SELECT_W)
+    v0, v1, v2 = _mixing(v_ptr, LOGITS, SCOPES, SELECT_V)
     gamma = _param(weight_ptr, cg, gm, 1.0, HAS_WEIGHT)
     if HAS_BN:
         bn_mean = tl.load(bn_mean_ptr + cg, mask=gm, other=0.0)
@@ -737,13 +756,13 @@ def _sn_reduce_group(
 def _sn_reduce_rows(
     rows_ws_ptr, gw_ws_ptr, N, C, num_groups, ddof, mean_ptr, ln_mean_ptr, w_ptr, v_ptr,
     grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr, LOGITS: tl.constexpr,
-    SCOPES: tl.constexpr,
+    SCOPES: tl.constexpr, SELECT_W: tl.constexpr, SELECT_V: tl.constexpr,
 ):  # fmt: skip
     """The LN terms of d loss / d (instance mean, variance), which need every channel of a
     sample, and the switch-weight gradients from the groups' shares (of the logits, through
     softmax's vector-Jacobian product p * (g - <g, p>), with ``LOGITS``)."""
-    w0, w1, w2 = _mixing(w_ptr, LOGITS, SCOPES)
-    v0, v1, v2 = _mixing(v_ptr, LOGITS, SCOPES)
+    w0, w1, w2 = _mixing(w_ptr, LOGITS, SCOPES, SELECT_W)
+    v0, v1, v2 = _mixing(v_ptr, LOGITS, SCOPES, SELECT_V)
     r = tl.arange(0, _ROWS_R)
     q = tl.arange(0, _ROWS_G)
     lanes = tl.arange(0, _ROWS_C)
@@ -787,6 +806,11 @@ def _sn_reduce_rows(
         dot_w = tl.sum(tl.where(k < 3, total * p, 0.0), 0)
         dot_v = tl.sum(tl.where(k >= 3, total * p, 0.0), 0)
         total = p * (total - tl.where(k < 3, dot_w, dot_v))
+    # A selected (frozen) vector is a constant of the layer.
+    if SELECT_W >= 0:
+        total = tl.where(k < 3, 0.0, total)
+    if SELECT_V >= 0:
+        total = tl.where(k >= 3, 0.0, total)
     # Each lane's scope (0 IN, 1 LN, 2 BN), whether the layer has it, and its slot in the
     # layer's (K,) vectors.
     j = tl.where(k < 3, k, k - 3)
