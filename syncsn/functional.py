@@ -29,6 +29,7 @@ __all__ = [
     "mix",
     "ALL_SCOPES",
     "scope_mask",
+    "own_scopes",
     "on_all_scopes",
     "switches_on_all_scopes",
     "on_own_scopes",
@@ -176,20 +177,19 @@ def scope_mask(scopes: tuple[str, ...]) -> int:
     return sum(SCOPE_BITS[s] for s in scopes)
 
 
+def own_scopes(scopes: int) -> list[int]:
+    """The indices into (IN, LN, BN) of the scopes of mask ``scopes``, in order."""
+    return [k for k, bit in enumerate(SCOPE_BITS.values()) if scopes & bit]
+
+
 def on_all_scopes(w: Tensor, scopes: int, absent: float) -> Tensor:
     """(K,) weights or logits over the scopes of mask ``scopes`` as the (3,) vector over
     (IN, LN, BN), ``absent`` (0 for weights, -inf for logits) where the layer lacks a scope."""
     if scopes == ALL_SCOPES:
         return w
     fill = w.new_full((), absent)
-    entries, k = [], 0
-    for bit in SCOPE_BITS.values():
-        if scopes & bit:
-            entries.append(w[k])
-            k += 1
-        else:
-            entries.append(fill)
-    return torch.stack(entries)
+    own = own_scopes(scopes)
+    return torch.stack([w[own.index(k)] if k in own else fill for k in range(3)])
 
 
 def switches_on_all_scopes(
@@ -202,16 +202,12 @@ def switches_on_all_scopes(
     return on_all_scopes(w, scopes, absent), on_all_scopes(v, scopes, absent)
 
 
-def one_hot_where_selected(weights: Tensor, selected: int, scopes: int) -> Tensor:
-    """The (3,) mixing ``weights`` over (IN, LN, BN) as they are, or, when ``selected >= 0``,
-    the float64 one-hot vector of the ``selected``-th scope of mask ``scopes`` (a frozen SSN
-    vector)."""
+def one_hot_where_selected(weights: Tensor, selected: int) -> Tensor:
+    """The (K,) mixing ``weights`` as they are, or, when ``selected >= 0`` (a frozen SSN
+    vector), the one-hot weights of scope ``selected`` in their dtype."""
     if selected < 0:
         return weights
-    own = [k for k, bit in enumerate(SCOPE_BITS.values()) if scopes & bit]
-    one_hot = torch.zeros(3, dtype=torch.float64, device=weights.device)
-    one_hot[own[selected]] = 1.0
-    return one_hot
+    return (torch.arange(weights.shape[0], device=weights.device) == selected).to(weights.dtype)
 
 
 def on_own_scopes(grad: Tensor, scopes: int) -> Tensor:
@@ -219,7 +215,7 @@ def on_own_scopes(grad: Tensor, scopes: int) -> Tensor:
     ``scopes``, (K,): the inverse of :func:`on_all_scopes`."""
     if scopes == ALL_SCOPES:
         return grad
-    return grad[[k for k, bit in enumerate(SCOPE_BITS.values()) if scopes & bit]]
+    return grad[own_scopes(scopes)]
 
 
 def logit_grads(grad: Tensor, weights: Tensor) -> Tensor:

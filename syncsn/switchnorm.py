@@ -81,13 +81,6 @@ def exporting() -> bool:
 ALL_SCOPES = ("in", "ln", "bn")
 
 
-def _one_hot_where_selected(w: Tensor, selected: int) -> Tensor:
-    """``w``, or the one-hot (K,) weights of scope ``selected`` in w's dtype (export graphs)."""
-    if selected < 0:
-        return w
-    return (torch.arange(w.shape[0], device=w.device) == selected).to(w.dtype)
-
-
 class _SwitchNorm(_BatchNorm):
     """Parameters, buffers and argument checks shared by the SN family.
 
@@ -271,7 +264,8 @@ class _SwitchNorm(_BatchNorm):
         eager = ops.plain_eager()  # (no export or trace records an eager call)
         if not eager and exporting() and not self.training and (tracked or not use_bn):
             # A deployable graph: plain torch operations in the model's dtype.
-            w, v = _one_hot_where_selected(w, selected[0]), _one_hot_where_selected(v, selected[1])
+            w = F.one_hot_where_selected(w, selected[0])
+            v = F.one_hot_where_selected(v, selected[1])
             w, v = F.switches_on_all_scopes(w, v, logits, F.scope_mask(self.scopes))
             if logits:
                 w, v = torch.softmax(w, dim=0), torch.softmax(v, dim=0)

@@ -51,12 +51,8 @@ def _switches(
     w: Tensor, v: Tensor, logits: bool, scopes: int, selected: tuple[int, int]
 ) -> tuple[Tensor, Tensor]:
     """The (3,) switch vectors over (IN, LN, BN) the kernels take."""
-    w, v = F.switches_on_all_scopes(w, v, logits, scopes)
-    if selected == (-1, -1):
-        return w, v
-    w = F.one_hot_where_selected(w, selected[0], scopes).to(w.dtype)
-    v = F.one_hot_where_selected(v, selected[1], scopes).to(v.dtype)
-    return w, v
+    w, v = F.one_hot_where_selected(w, selected[0]), F.one_hot_where_selected(v, selected[1])
+    return F.switches_on_all_scopes(w, v, logits, scopes)
 
 
 class CppBackend(Backend):

@@ -240,9 +240,6 @@ def _mixing64(
     w: Tensor, v: Tensor, logits: bool, scopes: int, selected: tuple[int, int]
 ) -> tuple[Tensor, Tensor]:
     """The (3,) float64 mixing weights over (IN, LN, BN) of (K,) ``w``, ``v``."""
+    w, v = F.one_hot_where_selected(w, selected[0]), F.one_hot_where_selected(v, selected[1])
     w, v = F.switches_on_all_scopes(w, v, logits, scopes)
-    w64, v64 = F.mixing_weights64(w, logits), F.mixing_weights64(v, logits)
-    return (
-        F.one_hot_where_selected(w64, selected[0], scopes),
-        F.one_hot_where_selected(v64, selected[1], scopes),
-    )
+    return F.mixing_weights64(w, logits), F.mixing_weights64(v, logits)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import functional as F
 from .interface import Backend, BatchMoments, BNSaved, SNGrads, SNMixed, SNStats
 
 try:
@@ -213,7 +214,7 @@ def _check_switches(
 ) -> tuple[int, int]:
     """The kernels read one entry of ``w`` and ``v`` per scope of the mask; returns the
     selected scopes as indices into (IN, LN, BN), -1 for none."""
-    own = [k for k in range(3) if scopes >> k & 1]
+    own = F.own_scopes(scopes)
     k = len(own)
     if not 0 < scopes < 8 or w.shape != (k,) or v.shape != (k,):
         raise ValueError(
