@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from . import comm
 from .deferred import DeferredRead
 from .kernels import ops
-from .kernels.interface import Flags, SNMixed, SNStats
+from .kernels.interface import Flags, SNMixed, SNStats, SparseSwitch
 
 __all__ = ["LayerCall", "layer_call", "SwitchNormFunction", "BatchNormFunction", "checked"]
 
@@ -166,9 +166,15 @@ class SwitchNormFunction(torch.autograd.Function):
     Inputs: x (N, C, *S); w, v the mixing weights (K,) on the simplex for means and
     variances over the scopes of ``call.scopes`` (or with ``call.logits`` the logits whose
     softmax they are); weight, bias (C,) or None; the
-    running buffers (None when not tracked); ``use_bn`` whether the layer has a BN scope;
-    the :class:`LayerCall`; ``anchor`` a tensor that requires grad on every rank alike (see
-    :func:`syncsn.switchnorm.grad_anchor`) or None.
+    running buffers (None when not tracked); for an SSN layer that has not settled its
+    ``radius`` and ``frozen_w``, ``frozen_v`` buffers (then w, v are its logits; else None);
+    ``use_bn`` whether the layer has a BN scope; the :class:`LayerCall`; ``anchor`` a tensor
+    that requires grad on every rank alike (see :func:`syncsn.switchnorm.grad_anchor`) or
+    None.
+
+    Returns y; with ``radius`` (y, selection): the (2,) frozen scopes after the call, which
+    in training the backend has written into the frozen buffers in plain eager mode, and
+    the caller writes otherwise (a custom op does not mutate its inputs).
     """
 
     @staticmethod
@@ -182,11 +188,17 @@ class SwitchNormFunction(torch.autograd.Function):
         running_mean: Tensor | None,
         running_var: Tensor | None,
         num_batches_tracked: Tensor | None,
+        radius: Tensor | None,
+        frozen_w: Tensor | None,
+        frozen_v: Tensor | None,
         use_bn: bool,
         call: LayerCall,
         anchor: Tensor | None,
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor, Tensor]:
         steps = ops.steps(call.eager, x, weight, bias)
+        sparse = None
+        if radius is not None and frozen_w is not None and frozen_v is not None:
+            sparse = SparseSwitch(radius, frozen_w, frozen_v, call.training and call.eager)
         stats, partials = steps.sn_stats(x, call.ddof)
         bn_mean = bn_var = count = None
         batch_scope = use_bn and (call.training or running_mean is None)
@@ -200,27 +212,31 @@ class SwitchNormFunction(torch.autograd.Function):
             bn_mean, bn_var = running_mean.double(), running_var.double()
         y, mixed = steps.sn_output(
             x, stats, bn_mean, bn_var, w, v, weight, bias, call.eps, call.logits, call.scopes,
-            call.selected,
+            call.selected, sparse,
         )  # fmt: skip
 
-        ctx.save_for_backward(x, w, v, weight, *stats, *mixed, bn_mean, bn_var, count)
+        ctx.save_for_backward(x, w, v, weight, *stats, *mixed, bn_mean, bn_var, count, radius)
         ctx.call = call
         ctx.batch_scope = batch_scope
         ctx.backend = steps if call.eager else None
-        return y
+        if mixed.selection is None:
+            return y
+        ctx.mark_non_differentiable(mixed.selection)
+        ctx.set_materialize_grads(False)  # no zeros for the selection's gradient
+        return y, mixed.selection
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor):
+    def backward(ctx, dy: Tensor, *_):
         x, w, v, weight, *rest = ctx.saved_tensors
-        stats, mixed = SNStats(*rest[:5]), SNMixed(*rest[5:8])
-        bn_mean, bn_var, count = rest[8:]
+        stats, mixed = SNStats(*rest[:5]), SNMixed(*rest[5:9])
+        bn_mean, bn_var, count, radius = rest[9:]
         call: LayerCall = ctx.call
         eager = ops.plain_eager()
         steps = _backward_steps(ctx, x, weight, eager)
         grads = steps.sn_backward_reduce(
             x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, call.ddof, call.logits,
-            call.scopes, call.selected,
+            call.scopes, call.selected, radius,
         )  # fmt: skip
         totals = None
         if ctx.batch_scope:
@@ -234,7 +250,7 @@ class SwitchNormFunction(torch.autograd.Function):
             )  # fmt: skip
         dweight = grads.grad_weight if weight is not None else None
         dbias = grads.grad_bias if weight is not None else None
-        return (dx, grads.grad_w, grads.grad_v, dweight, dbias, *([None] * 6))
+        return (dx, grads.grad_w, grads.grad_v, dweight, dbias, *([None] * 9))
 
 
 class BatchNormFunction(torch.autograd.Function):

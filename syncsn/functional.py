@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from .sparsemax import _sparsestmax_unchecked, _sparsestmax_vjp
+
 __all__ = [
     "acc_dtype",
     "spatial_size",
@@ -34,6 +36,8 @@ __all__ = [
     "switches_on_all_scopes",
     "on_own_scopes",
     "one_hot_where_selected",
+    "sparse_switches",
+    "sparse_switch_grads",
     "centred_sums",
     "fold_running",
     "check_spatial_size",
@@ -208,6 +212,71 @@ def one_hot_where_selected(weights: Tensor, selected: int) -> Tensor:
     if selected < 0:
         return weights
     return (torch.arange(weights.shape[0], device=weights.device) == selected).to(weights.dtype)
+
+
+def sparse_weights_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype SSN's switch weights are computed in: at least float32, since float16
+    resolves the push too coarsely to tell a vertex from a point near it."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def sparse_switches(
+    w: Tensor,
+    v: Tensor,
+    radius: Tensor,
+    frozen_w: Tensor,
+    frozen_v: Tensor,
+    stop_early: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SSN's switch weights from its logits, and what is frozen after them.
+
+    Args:
+        w, v: the (K,) logits of the means and the variances.
+        radius: the 0-d sparsestmax radius.
+        frozen_w, frozen_v: 0-d long, the scope (index into the K entries) each vector is
+            frozen on, -1 when not.
+        stop_early: passed to :func:`~syncsn.sparsemax._sparsestmax_unchecked`.
+
+    Returns:
+        ``weights`` (2, K) in :func:`sparse_weights_dtype`: the one-hot weights of a frozen
+        vector, else ``sparsestmax(logits, radius)`` (differentiable in the logits);
+        ``sparse`` (2, K) the sparsestmax weights themselves; ``selection`` (2,) long: the
+        frozen scopes, with every vector not frozen yet whose sparsestmax weights are one-hot
+        (exactly one non-zero entry, the structural test of :func:`~syncsn.is_one_hot`)
+        frozen on the scope they select.
+
+    Example::
+
+        >>> frozen = torch.tensor(-1)
+        >>> weights, _, selection = sparse_switches(
+        ...     torch.tensor([2.0, 1.0, 0.0]), torch.zeros(3), torch.tensor(1.0), frozen, frozen)
+        >>> selection
+        tensor([ 0, -1])
+    """
+    logits = torch.stack([w, v])
+    frozen = torch.stack([frozen_w, frozen_v])
+    dtype = sparse_weights_dtype(logits.dtype)
+    sparse = _sparsestmax_unchecked(logits.to(dtype), radius.to(dtype), stop_early)
+    scope = torch.arange(logits.shape[-1], device=logits.device)
+    one_hot = (scope == frozen.unsqueeze(-1)).to(dtype)
+    weights = torch.where(frozen.unsqueeze(-1) >= 0, one_hot, sparse)
+    found = torch.count_nonzero(sparse.detach(), dim=-1) == 1
+    selection = torch.where((frozen < 0) & found, sparse.detach().argmax(dim=-1), frozen)
+    return weights, sparse, selection
+
+
+def sparse_switch_grads(
+    grad_w: Tensor, grad_v: Tensor, w: Tensor, v: Tensor, radius: Tensor, selection: Tensor
+) -> tuple[Tensor, Tensor]:
+    """d loss / d logits from d loss / d weights of :func:`sparse_switches` (each (K,)), in
+    the logits' dtype: zero for a vector frozen as ``selection`` (2,) says, else the
+    vector-Jacobian product of sparsestmax (written out, no autograd)."""
+    logits = torch.stack([w, v])
+    dtype = sparse_weights_dtype(logits.dtype)
+    grads = torch.stack([grad_w, grad_v]).to(dtype)
+    through = _sparsestmax_vjp(logits.to(dtype), radius.to(dtype), grads)
+    result = torch.where(selection.unsqueeze(-1) >= 0, 0, through).to(logits.dtype)
+    return result[0].clone(), result[1].clone()  # two tensors, not views of one
 
 
 def on_own_scopes(grad: Tensor, scopes: int) -> Tensor:

@@ -26,10 +26,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import comm
+from . import functional as F
 from .deferred import DeferredRead
 from .kernels import ops
-from .sparsemax import _sparsestmax_unchecked
 from .switchnorm import (
+    ForwardWeights,
     SwitchNorm1d,
     SwitchNorm2d,
     SwitchNorm3d,
@@ -50,29 +51,6 @@ __all__ = [
 ]
 
 NOT_FROZEN = -1
-# Whether sparsestmax stops its rounds once every vector has its result, for CPU tensors in
-# plain eager mode: it reads a device value on the host, free on CPU. On CUDA the rounds
-# always run whole, so that nothing waits for the device.
-STOP_EARLY_ON_CPU = True
-
-
-def _weights_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the switch weights are computed in: at least float32, since float16
-    resolves the push too coarsely to tell a vertex from a point near it."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _one_hot_rows(frozen: Tensor, k: int, dtype: torch.dtype) -> Tensor:
-    """(2, K): row i selects scope ``frozen[i]`` (all zeros for -1), built on the device."""
-    return (torch.arange(k, device=frozen.device) == frozen.unsqueeze(-1)).to(dtype)
-
-
-def _newly_frozen(frozen: Tensor, weights: Tensor) -> Tensor:
-    """``frozen`` (2,) with every vector not frozen yet whose ``weights`` (2, K) are one-hot
-    set to the scope they select. One-hot is the structural test of :func:`is_one_hot`
-    (exactly one non-zero entry), made on the device."""
-    one_hot = torch.count_nonzero(weights, dim=-1) == 1
-    return torch.where((frozen < 0) & one_hot, weights.argmax(dim=-1), frozen)
 
 
 def _check_frozen(layer: str, scopes: tuple[str, ...], mean: int, var: int) -> None:
@@ -87,12 +65,12 @@ def _check_frozen(layer: str, scopes: tuple[str, ...], mean: int, var: int) -> N
 class _FrozenReads:
     """What the host knows of one layer's ``frozen_mean`` / ``frozen_var`` buffers.
 
-    The buffers change on the device, in the training step that finds a vector one-hot.
-    Each training step publishes them to the host through
-    :class:`~syncsn.deferred.DeferredRead` (at once on CPU, one step late on CUDA; every rank
-    publishes at the same steps, so every rank learns at the same step) until the host has
-    read both as frozen: the layer is then *settled*. A settled layer builds its one-hot
-    weights without sparsestmax and, frozen off BN, skips the batch scope and its
+    The buffers change on the device, in the training step that finds a vector one-hot (the
+    kernels write them). After each training step the layer publishes them to the host
+    through :class:`~syncsn.deferred.DeferredRead` (at once on CPU, one step late on CUDA;
+    every rank publishes at the same steps, so every rank learns at the same step) until the
+    host has read both as frozen: the layer is then *settled*. A settled layer builds its
+    one-hot weights without sparsestmax and, frozen off BN, skips the batch scope and its
     collectives. Before, the weights come from the buffers on the device, so they are the
     same either way; the host's knowledge only decides what need not be computed. Under
     torch.compile the graph is specialized on ``settled`` (a Python value): a layer that
@@ -187,7 +165,8 @@ class _SparseSwitchMixin(_SwitchNorm):
     A frozen layer's running statistics are still updated while BN is one of its frozen
     scopes; a layer frozen off BN no longer computes the batch scope, so they stay as
     they were (they are never used again) from the step at which the host knows of the
-    freezing: at once on CPU, one step later on CUDA and under torch.compile.
+    freezing: the kernels decide it during the call that freezes, so the host knows at the
+    next call on CPU and one call later on CUDA and under torch.compile.
 
     Under ``torch.compile`` a layer's switch to "no BN scope" is a new graph, so a model
     whose layers freeze off BN at many different steps recompiles at each of them; raise
@@ -281,11 +260,11 @@ class _SparseSwitchMixin(_SwitchNorm):
         self._frozen_reads = _FrozenReads()
 
     def _frozen_loaded(self) -> None:
-        """After load_state_dict: check the loaded selections (a host read, outside any
-        training step) and make the host learn them again."""
-        if not self.frozen_mean.is_meta:
-            self._frozen_indices()
+        """After load_state_dict: check the loaded selections and let the host know them
+        (a host read, outside any training step: a layer loaded frozen is settled at once)."""
         self._frozen_changed()
+        if not self.frozen_mean.is_meta:
+            self._reads().learn(list(self._frozen_indices()), type(self).__name__, self.scopes)
 
     def _reads(self) -> _FrozenReads:
         reads = getattr(self, "_frozen_reads", None)
@@ -314,67 +293,79 @@ class _SparseSwitchMixin(_SwitchNorm):
         ``sparsestmax(logits, radius)``, or the one-hot selection once frozen. Computed on
         the device from the logits and the ``frozen_*`` buffers (no host read); float32 for
         float16 / bfloat16 parameters."""
-        weights, _, _ = self._weights(self._reads().settled is not None)
+        weights = self._weights(self._reads().settled is not None)
         return weights[0], weights[1]
 
-    def _weights(self, settled: bool) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(2, K) weights of the means and the variances, the sparsestmax weights they come
-        from (None when ``settled``: both frozen) and the frozen indices (2,) they used."""
-        logits = torch.stack([self.mean_weight, self.var_weight])
-        frozen = torch.stack([self.frozen_mean, self.frozen_var])
-        dtype = _weights_dtype(logits.dtype)
-        one_hot = _one_hot_rows(frozen, len(self.scopes), dtype)
+    def _weights(self, settled: bool) -> Tensor:
+        """(2, K) weights of the means and the variances in torch operations."""
         if settled:
-            # The logits stay in the autograd graph with a zero gradient: the weights of a
-            # one-hot sparsestmax have a zero gradient anyway, and DistributedDataParallel
-            # expects every parameter that requires grad to receive one in each step.
-            if torch.is_grad_enabled() and logits.requires_grad:
-                one_hot = one_hot + logits.to(dtype) * 0
-            return one_hot, None, frozen
-        # Both vectors in one call: the same bits as two, half the operations.
-        stop_early = STOP_EARLY_ON_CPU and logits.device.type == "cpu" and ops.plain_eager()
-        sparse = _sparsestmax_unchecked(logits.to(dtype), self.radius.to(dtype), stop_early)
-        return torch.where(frozen.unsqueeze(-1) >= 0, one_hot, sparse), sparse, frozen
+            logits = torch.stack([self.mean_weight, self.var_weight])
+            frozen = torch.stack([self.frozen_mean, self.frozen_var])
+            scope = torch.arange(len(self.scopes), device=frozen.device)
+            dtype = F.sparse_weights_dtype(logits.dtype)
+            return (scope == frozen.unsqueeze(-1)).to(dtype)
+        weights, _, _ = F.sparse_switches(
+            self.mean_weight, self.var_weight, self.radius, self.frozen_mean, self.frozen_var
+        )
+        return weights
 
-    def _forward_weights(self) -> tuple[Tensor, Tensor, bool, bool, tuple[int, int]]:
-        reads = self._reads()
-        settled = reads.settled
+    def _forward_weights(self, fused: bool) -> ForwardWeights:
+        settled = self._reads().settled
         if settled is not None:
             # The kernels use the frozen scopes' one-hot weights and give the logits a zero
             # gradient (DistributedDataParallel expects one for every parameter that
             # requires grad): no operation around the layer's passes.
-            return self.mean_weight, self.var_weight, self._uses_bn(settled), False, settled
-        weights, sparse, frozen = self._weights(False)
-        if self.training and sparse is not None:
-            self._freeze_one_hot(sparse.detach(), frozen, reads)
-        # Read after the freezing step: on CPU the host knows at once what it froze; the
-        # weights of this call are already the one-hot ones.
-        settled = reads.settled
-        return weights[0], weights[1], self._uses_bn(settled), False, (-1, -1)
+            return ForwardWeights(
+                self.mean_weight, self.var_weight, self._uses_bn(settled), False, settled
+            )
+        if not fused:  # an exported graph: plain operations
+            weights = self._weights(False)
+            return ForwardWeights(weights[0], weights[1], self.using_bn, False)
+        # The kernels compute sparsestmax, the freezing and their gradient (the host learns
+        # of the freezing after the call, see _switched).
+        if self.training and self._debug_checked():
+            self._frozen_before = self._frozen_indices()
+        buffers = (self.radius, self.frozen_mean, self.frozen_var)
+        return ForwardWeights(
+            self.mean_weight, self.var_weight, self.using_bn, False, sparse=buffers
+        )
 
-    def _uses_bn(self, settled: tuple[int, int] | None) -> bool:
-        if settled is not None and "bn" in self.scopes:
+    def _debug_checked(self) -> bool:
+        """Whether the ranks compare their freezing (SYNCSN_DEBUG, a synchronizing call)."""
+        group, _ = self._sync_target()
+        return group is not None and comm.debug_enabled() and not torch.compiler.is_compiling()
+
+    def _uses_bn(self, settled: tuple[int, int]) -> bool:
+        if "bn" in self.scopes:
             # Frozen off BN: without the BN scope the Function neither computes the batch
             # statistics nor communicates (its weights are exactly 0). Until the host knows,
             # the batch scope is computed with weight 0, which gives the same output.
             return self.using_bn and self.scopes.index("bn") in settled
         return self.using_bn
 
-    def _freeze_one_hot(self, weights: Tensor, frozen: Tensor, reads: _FrozenReads) -> None:
-        """Record in the buffers the vectors whose ``weights`` (2, K) have become one-hot,
-        on the device, and publish the result to the host (training mode only)."""
-        selection = _newly_frozen(frozen, weights)
-        group, _ = self._sync_target()
-        if group is not None and comm.debug_enabled() and not torch.compiler.is_compiling():
-            process_group = getattr(self, "process_group", None)
-            _check_same_selection(
-                self._describe(), selection.tolist(), process_group, weights.device
-            )
+    def _switched(self, selection: Tensor) -> None:
+        """After a call: in training, publish the selection (2,) to the host. In plain eager
+        mode the kernels have written it into the buffers; otherwise it is copied here."""
+        if not self.training:
+            return
+        reads = self._reads()
+        if self._debug_checked():
+            try:
+                _check_same_selection(
+                    self._describe(), selection.tolist(), getattr(self, "process_group", None),
+                    selection.device,
+                )  # fmt: skip
+            except comm.DebugCheckError:
+                # Record nothing, so that the ranks stay consistent.
+                with torch.no_grad():
+                    self.frozen_mean.fill_(self._frozen_before[0])
+                    self.frozen_var.fill_(self._frozen_before[1])
+                raise
         layer, scopes = type(self).__name__, ",".join(self.scopes)
         if ops.plain_eager():  # nothing can drop the read: no op and no copy around it
             _learn_frozen(selection, reads.key, layer, scopes)
-        else:
-            selection = torch.ops.syncsn.publish_frozen(selection, reads.key, layer, scopes)
+            return
+        selection = torch.ops.syncsn.publish_frozen(selection, reads.key, layer, scopes)
         with torch.no_grad():
             self.frozen_mean.copy_(selection[0])
             self.frozen_var.copy_(selection[1])

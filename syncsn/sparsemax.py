@@ -303,3 +303,67 @@ def is_one_hot(p: Tensor) -> bool:
     if p.dim() != 1:
         raise ValueError(f"is_one_hot: expected a 1-D weight vector, got shape {tuple(p.shape)}")
     return int(torch.count_nonzero(p)) == 1
+
+
+def _sparsestmax_vjp(z: Tensor, radius: Tensor, grad: Tensor) -> Tensor:
+    """The vector-Jacobian product of :func:`_sparsestmax_unchecked` at ``z``, written out.
+
+    For steps that run where autograd does not (a custom op's implementation): the rounds
+    are run again, then ``grad`` is taken back through them, last round first. A vector that
+    stops in a round gets the gradient of that round's result (the kept projection, or the
+    pushed point renormalised); one that goes on passes the gradient of the next round's
+    input back through this round's push; the last vertex has a zero gradient.
+
+    Args:
+        z, radius: as for :func:`_sparsestmax_unchecked`.
+        grad: (..., K), the gradient of the result.
+
+    Returns:
+        (..., K), the gradient of ``z``; the same as autograd's through
+        :func:`_sparsestmax_unchecked` up to round-off.
+    """
+    radius = radius.detach().expand(z.shape[:-1])
+    leave_tol = 4 * torch.finfo(z.dtype).eps
+    rounds = []
+    done = torch.zeros(z.shape[:-1], dtype=torch.bool, device=z.device)
+    q = z.detach()
+    centre_prev: Tensor | None = None
+    for _ in range(max(z.shape[-1] - 1, 1)):
+        w = _SparsemaxFunction.apply(q, -1)
+        support = w > 0
+        size = support.sum(dim=-1, keepdim=True)
+        centre = support.to(z.dtype) / size
+        if centre_prev is not None:
+            travelled_sq = (centre - centre_prev).square().sum(dim=-1)
+            radius = (radius.square() - travelled_sq).clamp_min(0).sqrt()
+        offset = w - centre
+        offset = torch.where(support, offset - offset.sum(dim=-1, keepdim=True) / size, 0)
+        dist_sq = offset.square().sum(dim=-1)
+        lowest = torch.where(support, w, math.inf).amin(dim=-1)
+        degenerate = (w.amax(dim=-1) == lowest) | (dist_sq == 0)
+        dist = torch.where(degenerate, 1, dist_sq).sqrt()
+        keep = (size.squeeze(-1) == 1) | degenerate | (dist >= radius)
+        p = centre + (radius / dist).unsqueeze(-1) * offset
+        leaves = torch.where(support, p, math.inf).amin(dim=-1) < leave_tol
+        finished = ~done & (keep | ~leaves)
+        done = done | finished
+        rounds.append((support, size, offset, dist, radius, keep, p, finished))
+        q = torch.where(p >= leave_tol, p, p - 2)
+        centre_prev = centre
+
+    def sparsemax_vjp(support: Tensor, size: Tensor, g: Tensor) -> Tensor:
+        return torch.where(support, g - torch.where(support, g, 0).sum(-1, keepdim=True) / size, 0)
+
+    def push_vjp(offset: Tensor, dist: Tensor, radius: Tensor, g_p: Tensor) -> Tensor:
+        along = (offset * g_p).sum(dim=-1, keepdim=True) / dist.square().unsqueeze(-1)
+        return (radius / dist).unsqueeze(-1) * (g_p - offset * along)
+
+    carried = torch.zeros_like(grad)
+    for support, size, offset, dist, radius, keep, p, finished in reversed(rounds):
+        total = p.sum(dim=-1, keepdim=True)
+        g_p = grad / total - (grad * p).sum(dim=-1, keepdim=True) / total.square()
+        pushed = sparsemax_vjp(support, size, push_vjp(offset, dist, radius, g_p))
+        value = torch.where(keep.unsqueeze(-1), sparsemax_vjp(support, size, grad), pushed)
+        onward = sparsemax_vjp(support, size, push_vjp(offset, dist, radius, carried))
+        carried = torch.where(finished.unsqueeze(-1), value, onward)
+    return carried

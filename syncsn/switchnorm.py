@@ -6,7 +6,7 @@ The modules hold parameters and buffers and check their input; the math is in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,19 @@ __all__ = [
 
 #: The input dtypes every layer computes in (float8 and integer inputs are refused).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class ForwardWeights(NamedTuple):
+    """What one call of a layer mixes its scopes with."""
+
+    w: Tensor  # (K,) over the layer's scopes, for the means
+    v: Tensor  # (K,) for the variances
+    use_bn: bool  # whether the call has a BN scope (a subclass may know its weights are 0)
+    logits: bool  # w, v are the logits of a softmax (:attr:`LayerCall.logits`)
+    # For each vector the scope it is frozen on, -1 when not (:attr:`LayerCall.selected`).
+    selected: tuple[int, int] = (-1, -1)
+    # An SSN layer's (radius, frozen_mean, frozen_var) buffers: w, v are sparsestmax logits.
+    sparse: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def check_input(x: Tensor, layer: nn.Module, ndims: tuple[int, ...], layout: str) -> None:
@@ -238,13 +251,14 @@ class _SwitchNorm(_BatchNorm):
     def _check_input(self, x: Tensor) -> None:
         check_input(x, self, self._ndims, self._layout)
 
-    def _forward_weights(self) -> tuple[Tensor, Tensor, bool, bool, tuple[int, int]]:
-        """What this call mixes the scopes with, (K,) over ``scopes`` each for the means and
-        the variances; whether it uses the BN scope (a subclass may know that the BN scope's
-        weights are exactly 0); whether those are logits; and for each vector the scope it
-        is frozen on, -1 when not (:attr:`LayerCall.selected`). SN passes its logits: the
-        kernels compute the softmax (and its backward) as part of their passes."""
-        return self.mean_weight, self.var_weight, self.using_bn, True, (-1, -1)
+    def _forward_weights(self, fused: bool) -> ForwardWeights:
+        """What this call mixes the scopes with (:class:`ForwardWeights`). SN passes its
+        logits: the kernels compute the softmax (and its backward) as part of their passes.
+        ``fused``: the weights go to the kernels (else to an exported graph's operations)."""
+        return ForwardWeights(self.mean_weight, self.var_weight, self.using_bn, True)
+
+    def _switched(self, selection: Tensor) -> None:
+        """After a call with a :attr:`ForwardWeights.sparse` switch: the (2,) selection."""
 
     def _debug_check(self, x: Tensor) -> None:
         """With SYNCSN_DEBUG=1, what a Sync layer checks about the other ranks."""
@@ -252,7 +266,9 @@ class _SwitchNorm(_BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         self._debug_check(x)
-        w, v, use_bn, logits, selected = self._forward_weights()
+        eager = ops.plain_eager()  # (no export or trace records an eager call)
+        deploy = not eager and exporting() and not self.training
+        w, v, use_bn, logits, selected, sparse = self._forward_weights(fused=not deploy)
         # torch's rule: without tracked running statistics the BN scope is the batch's, in
         # eval mode too (where it is local: eval never communicates).
         tracked = self.track_running_stats and self.running_mean is not None
@@ -261,8 +277,7 @@ class _SwitchNorm(_BatchNorm):
             if tracked
             else (None, None, None)
         )
-        eager = ops.plain_eager()  # (no export or trace records an eager call)
-        if not eager and exporting() and not self.training and (tracked or not use_bn):
+        if deploy and (tracked or not use_bn):
             # A deployable graph: plain torch operations in the model's dtype.
             w = F.one_hot_where_selected(w, selected[0])
             v = F.one_hot_where_selected(v, selected[1])
@@ -274,10 +289,15 @@ class _SwitchNorm(_BatchNorm):
                 self.weight, self.bias, self.eps, ddof=1 if self._ndims == (2,) else 0,
             )  # fmt: skip
         call = self._layer_call(logits, eager, selected)
-        return SwitchNormFunction.apply(
-            x, w, v, self.weight, self.bias, running_mean, running_var, num_batches, use_bn,
-            call, grad_anchor(x, call),
+        out = SwitchNormFunction.apply(
+            x, w, v, self.weight, self.bias, running_mean, running_var, num_batches,
+            *(sparse or (None, None, None)), use_bn, call, grad_anchor(x, call),
         )  # fmt: skip
+        if sparse is None:
+            return out
+        y, selection = out
+        self._switched(selection)
+        return y
 
     def _load_from_state_dict(
         self,

@@ -39,7 +39,8 @@ from torch import Tensor
 import syncsn
 from syncsn import kernels
 from syncsn.kernels import ops
-from syncsn.kernels.interface import SNGrads
+from syncsn.kernels.interface import SNGrads, SparseSwitch
+from syncsn.sparsemax import _sparsestmax_unchecked
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -211,6 +212,12 @@ def check_step(step: str, got, meta, want, x: Tensor) -> None:
         if isinstance(g, tuple):  # a nested named structure
             check_step(where, g, m, w, x)
             continue
+        if g is None or m is None:  # an absent optional result (mixed.selection)
+            assert g is None and m is None, where
+            continue
+        if not g.is_floating_point():  # decisions (the SSN selection): exact
+            assert torch.equal(g, w), (where, g, w)
+            continue
         assert g.dtype == m.dtype and g.shape == m.shape, (where, g.dtype, m.dtype, g.shape)
         if g.shape == x.shape:
             assert g.is_contiguous(memory_format=layout_of(x)), f"{where}: layout"
@@ -258,6 +265,32 @@ def check_selected(x, dy, stats, mixed, reduced, bn_mean, bn_var, w, v, gamma, b
     for grad, free, scope in ((reduced.grad_w, hot.grad_w, selected[0]),
                               (reduced.grad_v, hot.grad_v, selected[1])):  # fmt: skip
         assert torch.equal(grad, torch.zeros_like(grad) if scope >= 0 else free)
+
+
+def check_sparse(x, dy, stats, mixed, reduced, bn_mean, bn_var, w, v, gamma, beta, ddof,
+                 scopes, sparse):  # fmt: skip
+    """The reference's SSN switch against the math: its output is that of the weights
+    sparsestmax gives (one-hot where frozen), and its logit gradients are autograd's through
+    sparsestmax of the gradients of those weights."""
+    logits = torch.stack([w, v]).double().requires_grad_()
+    frozen = torch.stack([sparse.frozen_w, sparse.frozen_v])
+    radius = sparse.radius.double()
+    weights = _sparsestmax_unchecked(logits, radius)
+    one_hot = (torch.arange(w.shape[0]) == frozen[:, None]).double()
+    weights = torch.where(frozen[:, None] >= 0, one_hot, weights)
+    y_math, _ = REF.sn_output(x, stats, bn_mean, bn_var, *weights.detach(), gamma, beta, 1e-5,
+                              False, scopes)  # fmt: skip
+    y_sparse, _ = REF.sn_output(x, stats, bn_mean, bn_var, w.double(), v.double(), gamma, beta,
+                                1e-5, False, scopes, sparse=wide(sparse))  # fmt: skip
+    assert rel_err(y_sparse, y_math) <= 1e-12
+    by_weights = REF.sn_backward_reduce(x, dy, stats, mixed, bn_mean, bn_var,
+                                        *weights.detach(), gamma, ddof, False, scopes)  # fmt: skip
+    upstream = torch.stack([by_weights.grad_w, by_weights.grad_v])
+    selection = mixed.selection
+    (expected,) = torch.autograd.grad(weights, logits, upstream)
+    expected = torch.where(selection[:, None] >= 0, 0, expected)
+    got = torch.stack([reduced.grad_w, reduced.grad_v]).double()
+    assert rel_err(got, expected) <= tolerance(w.dtype, x.dtype), (got, expected)
 
 
 @pytest.mark.parametrize("entry,case", params_for(BACKENDS, _cases(SN_SHAPES) + LARGE))
@@ -322,6 +355,42 @@ def test_sn_steps(backend, entry, case):
             bn_mean=bn_mean if synced else None, totals=totals,
             count=batch.count * 3 if synced else None, weight=gamma, ddof=ddof,
         )  # fmt: skip
+
+    # SSN before it settles: sparsestmax of the logits at a radius, one-hot where frozen.
+    # mode: the scopes, the radius, the scopes frozen before the call, and the selection after.
+    sparse_modes = {
+        "sparse": (7, 0.3, (-1, -1), (-1, -1)),  # pushed, not one-hot
+        "sparse_ln_bn": (6, 0.9, (-1, 0), (1, 0)),  # the means become one-hot (on BN)
+    }
+    for mode, (scopes, radius, frozen, after) in sparse_modes.items():
+        own = [k for k in range(3) if scopes >> k & 1]
+        w = (simplex(5, True, pdtype)[own] * 3).log()
+        v = (simplex(6, True, pdtype)[own] * 3).log()
+        switch = SparseSwitch(
+            torch.tensor(radius, dtype=pdtype), torch.tensor(frozen[0]), torch.tensor(frozen[1]),
+            freeze=False,
+        )  # fmt: skip
+        batch_mean, batch_var = batch_scope
+        _, mixed = run_step(
+            backend, "sn_output", x=x, stats=stats, bn_mean=batch_mean, bn_var=batch_var, w=w,
+            v=v, weight=weight, bias=bias, eps=1e-5, logits=False, scopes=scopes, sparse=switch,
+        )  # fmt: skip
+        assert mixed.selection.tolist() == list(after), (mode, mixed.selection)
+        reduced = run_step(
+            backend, "sn_backward_reduce", x=x, dy=dy, stats=stats, mixed=mixed,
+            bn_mean=batch_mean, bn_var=batch_var, w=w, v=v, weight=weight, ddof=ddof,
+            logits=False, scopes=scopes, radius=switch.radius,
+        )  # fmt: skip
+        if mode == "sparse":
+            assert reduced.grad_w.abs().max() > 0 and reduced.grad_v.abs().max() > 0
+        check_sparse(x, dy, stats, mixed, reduced, batch_mean, batch_var, w, v, weight, bias,
+                     ddof, scopes, switch)  # fmt: skip
+        # In training the backend also writes the selection into the frozen buffers.
+        buffers = torch.tensor(frozen[0]), torch.tensor(frozen[1])
+        training = switch._replace(frozen_w=buffers[0], frozen_v=buffers[1], freeze=True)
+        backend.sn_output(x, stats, batch_mean, batch_var, w, v, weight, bias, 1e-5, False,
+                          scopes, sparse=training)  # fmt: skip
+        assert [int(b) for b in buffers] == list(after), mode
 
 
 @pytest.mark.parametrize("entry,case", params_for(BACKENDS, _cases(BN_SHAPES) + LARGE))

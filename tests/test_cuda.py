@@ -253,7 +253,18 @@ WHOLE_CALL = {
     "sync_sn": (lambda: syncsn.SyncSwitchNorm2d(8), (2, 8, 16, 16)),
     "sync_bn": (lambda: syncsn.SyncBatchNorm(8), (2, 8, 16, 16)),
     "ssn_frozen": (lambda: _frozen_ssn(8), (2, 8, 16, 16)),  # settled on (BN, IN)
+    "ssn": (lambda: _pushed_ssn(syncsn.SparseSwitchNorm2d(8)), (2, 8, 16, 16)),  # not settled
+    "sync_ssn": (lambda: _pushed_ssn(syncsn.SyncSparseSwitchNorm2d(8)), (2, 8, 16, 16)),
 }
+
+
+def _pushed_ssn(layer: torch.nn.Module) -> torch.nn.Module:
+    """An SSN layer whose sparsestmax weights are pushed but not one-hot (radius 0.3)."""
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([0.3, 0.1, -0.2]))
+        layer.var_weight.copy_(torch.tensor([0.0, 0.5, 0.45]))
+    syncsn.set_radius(layer, 0.3)
+    return layer
 
 
 def _frozen_ssn(channels: int) -> torch.nn.Module:
@@ -280,6 +291,8 @@ def test_whole_layer_call_is_at_most_three_kernels_each_way_on_cuda(kind):
         layer(x).backward(dy)
     if kind == "ssn_frozen":
         assert layer._reads().settled is not None, layer.frozen_scopes
+    elif "ssn" in kind:
+        assert layer.frozen_scopes == (None, None)
     layer.zero_grad(set_to_none=True)  # as an optimizer does: no accumulation kernels
     x.grad = None
     holder = {}

@@ -33,8 +33,8 @@ from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncsn
-from syncsn import sparse_switchnorm
 from syncsn.kernels import passes_backend
+from syncsn.kernels import reference as reference_backend
 from syncsn.kernels.reference import ReferenceBackend
 
 pytestmark = pytest.mark.timeout(300)
@@ -311,11 +311,12 @@ LOCAL_CASES = {
         [2, 2, 2],
         SN_OPS | BATCH_OPS | {"syncsn::publish_frozen"},
     ),
-    # Freezes in the first step, off BN: one image per step from then on.
+    # Freezes in the first step (which still computes the batch scope, with weight 0), off
+    # BN: one image per step from then on, which a batch scope would refuse.
     "SparseSwitchNorm2d-off-bn": (
         lambda: conv_net(sparse_layer(lambda: syncsn.SparseSwitchNorm2d(4), "off_bn")),
         [2, 1, 1],
-        SN_OPS | {"syncsn::publish_frozen"},
+        SN_OPS | BATCH_OPS | {"syncsn::publish_frozen"},
     ),
     "SparseSwitchNorm2d-with-bn": (
         lambda: conv_net(sparse_layer(lambda: syncsn.SparseSwitchNorm2d(4), "with_bn")),
@@ -437,7 +438,7 @@ def _eager_case(rank, case):
     launcher.run = run
     # The CUDA path: sparsestmax runs its rounds whole (on CPU it may stop early, reading a
     # device value that costs nothing there).
-    sparse_switchnorm.STOP_EARLY_ON_CPU = False
+    reference_backend.STOP_EARLY_ON_CPU = False
     try:
         make, sizes, _ = LOCAL_CASES[case]
         torch.manual_seed(0)
@@ -456,7 +457,7 @@ def _eager_case(rank, case):
         return _host_reads(roots), len(layer_ops), backend_of(model, inputs[0])
     finally:
         launcher.run = original
-        sparse_switchnorm.STOP_EARLY_ON_CPU = True
+        reference_backend.STOP_EARLY_ON_CPU = True
 
 
 def _eager_case_on(rank, case, backend):
@@ -515,11 +516,12 @@ def test_training_steps_on_two_ranks_make_no_host_sync(two_ranks, case, backend)
     for a, b in zip(params, params_1, strict=True):
         assert torch.equal(a, b)  # DistributedDataParallel kept the ranks in step
     if case.endswith("off-bn"):
-        # Frozen off BN in the first step, which the host knows at once on CPU: no batch
-        # scope and no collective in any step.
+        # Frozen off BN in the first step (during the call, which still synchronizes its
+        # batch scope); the host knows it after the step on CPU: no batch scope and no
+        # collective in the other two.
         assert frozen == [("in", "ln")]
         assert ops["syncsn::publish_frozen"] == 1
-        assert not {"syncsn::all_gather", "syncsn::all_reduce", "syncsn::merge"} & set(ops)
+        assert ops["syncsn::all_gather"] == ops["syncsn::all_reduce"] == ops["syncsn::merge"] == 1
     else:
         assert ops["syncsn::all_gather"] == 3 and ops["syncsn::all_reduce"] == 3
         assert frozen == ([(None, None)] if "Sparse" in case else [])

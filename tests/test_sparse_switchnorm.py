@@ -267,8 +267,10 @@ def test_freezing_selects_one_scope_for_good(dim, mean_scope, var_scope):
             torch.eye(k, dtype=v.dtype)[scopes.index(var_scope)] + 0 * v,
         )
 
-    # Freezes in this step, and already computes only the selected scopes.
-    check_against_reference(layer, x, one_hot, uses_batch_scope=uses_bn)
+    # Freezes in this step (decided in the kernels: the batch scope is still computed, with
+    # weight 0 when frozen off BN); the host knows it from the next step on.
+    check_against_reference(layer, x, one_hot)
+    assert layer._reads().settled == (scopes.index(mean_scope), scopes.index(var_scope))
     assert layer.frozen_scopes == (mean_scope, var_scope)
     assert int(layer.frozen_mean) == scopes.index(mean_scope)
     assert int(layer.frozen_var) == scopes.index(var_scope)
@@ -403,8 +405,10 @@ def test_a_host_that_learns_a_step_late_computes_the_same(monkeypatch):
         for a, b in zip(out["late"], out["at_once"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert layers["late"].frozen_scopes == layers["at_once"].frozen_scopes == ("in", "ln")
-    assert int(layers["at_once"].num_batches_tracked) == 0
-    assert int(layers["late"].num_batches_tracked) == 1
+    # The freezing call still computes the batch scope; a host that learns at once drops it
+    # from the next call, one that learns a call late from the one after.
+    assert int(layers["at_once"].num_batches_tracked) == 1
+    assert int(layers["late"].num_batches_tracked) == 2
 
 
 def test_loading_a_state_makes_a_frozen_layer_learn_its_selection_again():
@@ -596,8 +600,8 @@ def test_sync_equals_local_on_concatenated_batch_on_3_uneven_ranks(world, dim, s
 
 
 def _count_case(rank, k, dim, mean_scope, var_scope):
-    """Collectives per training step: one at radius 0, then two after freezing at radius 1,
-    then in eval, then in a fresh layer loaded from the frozen state dict."""
+    """Collectives per training step: one at radius 0, then two at radius 1 (the first
+    freezes), then in eval, then in a fresh layer loaded from the frozen state dict."""
     if rank >= k:
         return None
     group = subgroup(k)
@@ -647,15 +651,16 @@ def test_collectives_before_and_after_freezing(world, dim, mean_scope, var_scope
         assert frozen == fresh_frozen == (mean_scope, var_scope)
         before, freezing, frozen_step, evaluation, loaded = counts
         assert before == one_each_way, before
-        assert freezing == after and frozen_step == after, (freezing, frozen_step)
+        # The kernels freeze during the call: it still makes the batch scope's collectives.
+        assert freezing == one_each_way and frozen_step == after, (freezing, frozen_step)
         assert evaluation == ({}, {}), evaluation
         assert loaded == after, loaded
 
 
 def _late_read_case(rank, k):
     """Collectives per training step when the host learns the frozen selections a step late
-    (as on CUDA): the step that freezes off BN still makes them, with weight 0; the next
-    step, the same on every rank, makes none."""
+    (as on CUDA): the step that freezes off BN and the next one still make them, with weight
+    0; the one after, the same on every rank, makes none."""
     if rank >= k:
         return None
     saved, ssn_module.DeferredRead = ssn_module.DeferredRead, LateRead
@@ -681,7 +686,7 @@ def test_a_late_host_read_switches_every_rank_at_the_same_step(world):
     one_each_way = ({"gloo:all_gather": 1}, {"gloo:all_reduce": 1})
     for counts, frozen in world.run(_late_read_case, 2)[:2]:
         assert frozen == ("in", "ln")
-        assert counts == [one_each_way, ({}, {}), ({}, {})], counts
+        assert counts == [one_each_way, one_each_way, ({}, {})], counts
 
 
 def _debug_mismatch_case(rank, k):

@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from syncsn.kernels import triton as backend_module  # noqa: E402
 from syncsn.kernels import triton_kernels as K  # noqa: E402
-from syncsn.kernels.interface import BNSaved, SNGrads, SNMixed, SNStats  # noqa: E402
+from syncsn.kernels.interface import BNSaved, SNGrads, SNMixed, SNStats, SparseSwitch  # noqa: E402
 
 _TYPES = {
     torch.float32: "fp32",
@@ -153,6 +153,17 @@ def _exercise(tb, shape, dtype, fmt) -> None:
         tb.sn_backward_reduce(
             x, dy, stats, mixed, bn_mean, bn_var, w, w, gamma, ddof, False, 7, (2, 0)
         )
+        # An SSN layer before it settles: sparsestmax and the freezing in the kernels.
+        radius = torch.empty((), **f32)
+        frozen = torch.empty((), dtype=torch.int64, **meta)
+        sparse = SparseSwitch(radius, frozen, frozen, freeze=True)
+        _, swept = tb.sn_output(
+            x, stats, bn_mean, bn_var, w, w, gamma, b, 1e-5, False, 7, (-1, -1), sparse
+        )
+        tb.sn_backward_reduce(
+            x, dy, stats, mixed._replace(selection=swept.selection), bn_mean, bn_var, w, w,
+            gamma, ddof, False, 7, (-1, -1), radius,
+        )  # fmt: skip
         for logits in (False, True):
             tb.sn_output(x, stats, bn_mean, bn_var, w, w, gamma, b, 1e-5, logits)
             tb.sn_backward_reduce(x, dy, stats, mixed, bn_mean, bn_var, w, w, gamma, ddof, logits)
@@ -199,8 +210,9 @@ def main(argv=None) -> int:
         signature, constants = _signature(fn, args, kwargs)
         key = (name, tuple(sorted(signature.items())), tuple(sorted(map(str, constants.items()))))
         if opts.cases == "quick":
-            # One variant of each kernel, and SN's with frozen (one-hot) switch vectors.
-            key = (name, constants.get("SELECT_W", -1) >= 0)
+            # One variant of each kernel, and SN's with frozen (one-hot) switch vectors and
+            # with SSN's sparsestmax.
+            key = (name, constants.get("SELECT_W", -1) >= 0, bool(constants.get("SPARSE")))
         variants.setdefault(key, (name, fn, signature, constants, kwargs.get("num_warps", 4)))
     target = GPUTarget("cuda", opts.arch, 32)
     t0 = time.perf_counter()

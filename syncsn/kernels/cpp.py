@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import _native
 from .. import functional as F
 from .interface import Backend, BatchMoments, BNSaved, SNGrads, SNMixed, SNStats
+from .reference import sparse_switch_weights, through_sparse_switch
 
 __all__ = ["CppBackend"]
 
@@ -91,22 +92,32 @@ class CppBackend(Backend):
 
     def sn_output(
         self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes=7,
-        selected=(-1, -1),
+        selected=(-1, -1), sparse=None,
     ):  # fmt: skip
+        selection = None
+        if sparse is not None:
+            w, v, selection = sparse_switch_weights(w, v, sparse)
         w, v = _switches(w, v, logits, scopes, selected)
         y, mean, var, rstd = _LIB.sn_output(
             x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits
         )
-        return y, SNMixed(mean, var, rstd)
+        return y, SNMixed(mean, var, rstd, selection)
 
     def sn_backward_reduce(
         self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes=7,
-        selected=(-1, -1),
+        selected=(-1, -1), radius=None,
     ):  # fmt: skip
+        if radius is not None:
+            return through_sparse_switch(
+                lambda w, v: self.sn_backward_reduce(
+                    x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, False, scopes
+                ),
+                w, v, radius, mixed.selection,
+            )  # fmt: skip
         w3, v3 = _switches(w, v, logits, scopes, selected)
         grads = SNGrads._make(
             _LIB.sn_backward_reduce(
-                x, dy, *stats, *mixed, bn_mean, bn_var, w3, v3, weight, ddof, logits
+                x, dy, *stats, *mixed[:3], bn_mean, bn_var, w3, v3, weight, ddof, logits
             )
         )
         if scopes == F.ALL_SCOPES and selected == (-1, -1):

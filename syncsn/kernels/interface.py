@@ -25,7 +25,9 @@ Conventions, shared by every backend:
   (weight 0), so that the layer runs no operation to do it. ``selected`` (the frozen scopes
   of a settled SSN layer: an index into the layer's scopes for ``w`` and for ``v``, -1 when
   not frozen; ``logits`` False) makes that vector the one-hot weights of that scope,
-  whatever its entries, with a zero gradient.
+  whatever its entries, with a zero gradient. An SSN layer that has not settled passes its
+  logits with a :class:`SparseSwitch`: the backend computes sparsestmax, the freezing and
+  their gradient itself.
 * ``ddof`` is 0 for SN over (N, C, *S) and 1 for SwitchNorm1d, whose LN and BN scopes
   divide by C - 1 and N - 1 (the IN variance always divides by L - 1; with L = 1 there is
   no IN scope and its variance is 0).
@@ -51,6 +53,7 @@ __all__ = [
     "SNGrads",
     "SNMixed",
     "SNStats",
+    "SparseSwitch",
     "acc_dtype",
 ]
 
@@ -84,6 +87,22 @@ class SNMixed(NamedTuple):
     mean: Tensor
     var: Tensor
     rstd: Tensor  # (var + eps) ** -0.5
+    # With a SparseSwitch: (2,) long, the scopes w and v are frozen on after the call (-1:
+    # not frozen), which the backward takes them as.
+    selection: Tensor | None = None
+
+
+class SparseSwitch(NamedTuple):
+    """An SSN layer's switch: ``w`` and ``v`` are logits, whose weights are
+    ``sparsestmax(logits, radius)`` (:func:`syncsn.sparsemax._sparsestmax_unchecked`), or the
+    one-hot weights of the scope a vector is frozen on (with a zero gradient)."""
+
+    radius: Tensor  # 0-d, the parameters' dtype
+    frozen_w: Tensor  # 0-d long: an index into the layer's scopes, -1 when not frozen
+    frozen_v: Tensor
+    # Training: a vector whose weights are one-hot is frozen on its scope, written into
+    # frozen_w / frozen_v in place (syncsn.sparse_switchnorm._newly_frozen).
+    freeze: bool
 
 
 class BatchMoments(NamedTuple):
@@ -186,6 +205,7 @@ class Backend:
         logits: bool,
         scopes: int = 7,
         selected: tuple[int, int] = (-1, -1),
+        sparse: SparseSwitch | None = None,
     ) -> tuple[Tensor, SNMixed]:
         """Mix the scopes and normalize: y = weight * (x - mu) * rstd + bias.
 
@@ -193,7 +213,8 @@ class Backend:
         None when the layer has none (then the BN entries of w and v are ignored). ``w``, ``v``
         (K,) over the scopes of mask ``scopes`` are the mixing weights on the simplex, or
         with ``logits`` the logits whose softmax they are: SN's softmax is then computed
-        here rather than as separate operations.
+        here rather than as separate operations. With ``sparse`` they are the logits of
+        SSN's sparsestmax, and ``mixed.selection`` says what is frozen after the call.
         """
         raise NotImplementedError
 
@@ -212,11 +233,13 @@ class Backend:
         logits: bool,
         scopes: int = 7,
         selected: tuple[int, int] = (-1, -1),
+        radius: Tensor | None = None,
     ) -> SNGrads:
         """The backward reduction pass (sum dy, sum dy * (x - centre) per (n, c)) and the
         small math up to the backward collective (which sums ``totals`` over the ranks).
         ``grad_w``, ``grad_v`` are the gradients of ``w``, ``v`` as :meth:`sn_output` took
-        them: of the logits with ``logits``."""
+        them: of the logits with ``logits``; of sparsestmax's logits with the ``radius`` of
+        the forward's :class:`SparseSwitch` (frozen as ``mixed.selection`` says)."""
         raise NotImplementedError
 
     def sn_backward_input(

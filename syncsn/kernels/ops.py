@@ -21,7 +21,16 @@ import torch
 from torch import Tensor
 
 from . import passes_backend, shared_backend
-from .interface import Backend, BatchMoments, BNSaved, SNGrads, SNMixed, SNStats, acc_dtype
+from .interface import (
+    Backend,
+    BatchMoments,
+    BNSaved,
+    SNGrads,
+    SNMixed,
+    SNStats,
+    SparseSwitch,
+    acc_dtype,
+)
 
 __all__ = [
     "plain_eager",
@@ -178,19 +187,45 @@ def _sn_output(
     scopes: int,
     select_w: int,
     select_v: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    radius: Tensor | None,
+    frozen_w: Tensor | None,
+    frozen_v: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     stats = SNStats(centre, mean, var, ln_mean, ln_var)
+    sparse = _sparse_switch(radius, frozen_w, frozen_v)
     backend = passes_backend(x, weight, bias)
     y, mixed = backend.sn_output(
-        x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes, (select_w, select_v)
-    )
-    return (y, *mixed)
+        x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes, (select_w, select_v),
+        sparse,
+    )  # fmt: skip
+    selection = mixed.selection if mixed.selection is not None else _no_selection(x)
+    return (y, *mixed[:3], selection)
 
 
 @_sn_output.register_fake
 def _(x, centre, mean, var, ln_mean, ln_var, bn_mean, bn_var, w, v, weight, bias, eps, logits,
-      scopes, select_w, select_v):  # fmt: skip
-    return _like_x(x), _nc(x), _nc(x), _nc(x)
+      scopes, select_w, select_v, radius, frozen_w, frozen_v):  # fmt: skip
+    selection = _no_selection(x) if radius is None else x.new_empty((2,), dtype=torch.long)
+    return _like_x(x), _nc(x), _nc(x), _nc(x), selection
+
+
+def _sparse_switch(
+    radius: Tensor | None, frozen_w: Tensor | None, frozen_v: Tensor | None
+) -> SparseSwitch | None:
+    """The op's SSN switch: it never writes the frozen buffers (an op's inputs are not
+    mutated); the caller copies ``mixed.selection`` into them."""
+    if radius is None or frozen_w is None or frozen_v is None:
+        return None
+    return SparseSwitch(radius, frozen_w, frozen_v, freeze=False)
+
+
+def _no_selection(x: Tensor) -> Tensor:
+    """An op's stand-in for ``mixed.selection`` None (a (2,) selection is never empty)."""
+    return x.new_empty((0,), dtype=torch.long)
+
+
+def _selection_of(selection: Tensor) -> Tensor | None:
+    return selection if selection.numel() else None
 
 
 def sn_output(
@@ -206,12 +241,19 @@ def sn_output(
     logits: bool,
     scopes: int = 7,
     selected: tuple[int, int] = (-1, -1),
+    sparse: SparseSwitch | None = None,
 ) -> tuple[Tensor, SNMixed]:
-    """:meth:`Backend.sn_output <syncsn.kernels.interface.Backend.sn_output>`."""
-    y, *mixed = _sn_output(
-        x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes, *selected
-    )
-    return y, SNMixed(*mixed)
+    """:meth:`Backend.sn_output <syncsn.kernels.interface.Backend.sn_output>`, except that
+    a ``sparse`` switch must have ``freeze`` False: copy ``mixed.selection`` into the frozen
+    buffers instead."""
+    if sparse is not None and sparse.freeze:
+        raise ValueError("syncsn::sn_output does not write the frozen buffers (freeze=True)")
+    radius, frozen_w, frozen_v = (None, None, None) if sparse is None else sparse[:3]
+    y, mean, var, rstd, selection = _sn_output(
+        x, *stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes, *selected, radius,
+        frozen_w, frozen_v,
+    )  # fmt: skip
+    return y, SNMixed(mean, var, rstd, _selection_of(selection))
 
 
 @torch.library.custom_op("syncsn::sn_backward_reduce", mutates_args=())
@@ -236,19 +278,21 @@ def _sn_backward_reduce(
     scopes: int,
     select_w: int,
     select_v: int,
+    selection: Tensor | None,
+    radius: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     stats = SNStats(centre, mean, var, ln_mean, ln_var)
-    mixed = SNMixed(mixed_mean, mixed_var, rstd)
+    mixed = SNMixed(mixed_mean, mixed_var, rstd, selection)
     grads = passes_backend(x, weight).sn_backward_reduce(
         x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes,
-        (select_w, select_v),
+        (select_w, select_v), radius,
     )  # fmt: skip
     return tuple(grads)  # type: ignore[return-value]
 
 
 @_sn_backward_reduce.register_fake
 def _(x, dy, centre, mean, var, ln_mean, ln_var, mixed_mean, mixed_var, rstd, bn_mean, bn_var,
-      w, v, weight, ddof, logits, scopes, select_w, select_v):  # fmt: skip
+      w, v, weight, ddof, logits, scopes, select_w, select_v, selection, radius):  # fmt: skip
     return (
         _c(x, 2), _nc(x), _nc(x), torch.empty_like(w), torch.empty_like(v),
         _param_grad(x, weight), _param_grad(x, weight),
@@ -269,13 +313,28 @@ def sn_backward_reduce(
     logits: bool,
     scopes: int = 7,
     selected: tuple[int, int] = (-1, -1),
+    radius: Tensor | None = None,
 ) -> SNGrads:
     """:meth:`Backend.sn_backward_reduce
     <syncsn.kernels.interface.Backend.sn_backward_reduce>`."""
     return SNGrads(
         *_sn_backward_reduce(
-            x, dy, *stats, *mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes, *selected
-        )
+            x,
+            dy,
+            *stats,
+            *mixed[:3],
+            bn_mean,
+            bn_var,
+            w,
+            v,
+            weight,
+            ddof,
+            logits,
+            scopes,
+            *selected,
+            mixed.selection,
+            radius,
+        )  # fmt: skip
     )
 
 
@@ -329,7 +388,7 @@ def sn_backward_input(
     """:meth:`Backend.sn_backward_input
     <syncsn.kernels.interface.Backend.sn_backward_input>`."""
     return _sn_backward_input(
-        x, dy, *stats, *mixed, grads.grad_mean, grads.grad_var, bn_mean, totals, count,
+        x, dy, *stats, *mixed[:3], grads.grad_mean, grads.grad_var, bn_mean, totals, count,
         weight, ddof,
     )  # fmt: skip
 

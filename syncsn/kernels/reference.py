@@ -12,9 +12,18 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .interface import Backend, BatchMoments, BNSaved, Flags, SNGrads, SNMixed, SNStats
+from .interface import (
+    Backend,
+    BatchMoments,
+    BNSaved,
+    Flags,
+    SNGrads,
+    SNMixed,
+    SNStats,
+    SparseSwitch,
+)
 
-__all__ = ["ReferenceBackend"]
+__all__ = ["ReferenceBackend", "sparse_switch_weights", "through_sparse_switch"]
 
 
 def _gamma(weight: Tensor | None, like: Tensor) -> Tensor:
@@ -48,6 +57,44 @@ def _combine(
     # x's (dy may come in another).
     dx = centred * _view(k_x, x) + dy.to(acc) * _view(k_dy, x) + _view(k_0, x)
     return dx.to(x.dtype)
+
+
+# Whether sparsestmax stops its rounds once every vector has its result, for CPU tensors
+# with nothing watching: it reads a device value on the host, free on CPU (the same bits
+# either way).
+STOP_EARLY_ON_CPU = True
+
+
+def _sparse_switches(w: Tensor, v: Tensor, radius: Tensor, frozen_w: Tensor, frozen_v: Tensor):
+    from .ops import plain_eager  # (ops imports the backends)
+
+    stop_early = STOP_EARLY_ON_CPU and w.is_cpu and plain_eager()
+    return F.sparse_switches(w, v, radius, frozen_w, frozen_v, stop_early)
+
+
+def sparse_switch_weights(
+    w: Tensor, v: Tensor, sparse: SparseSwitch
+) -> tuple[Tensor, Tensor, Tensor]:
+    """An SSN switch in torch operations: the (K,) weights of the logits ``w``, ``v`` and the
+    (2,) selection after them, written into the frozen buffers with ``sparse.freeze``."""
+    weights, _, selection = _sparse_switches(w, v, *sparse[:3])
+    if sparse.freeze:
+        sparse.frozen_w.copy_(selection[0])
+        sparse.frozen_v.copy_(selection[1])
+    return weights[0], weights[1], selection
+
+
+def through_sparse_switch(
+    reduce, w: Tensor, v: Tensor, radius: Tensor, selection: Tensor | None
+) -> SNGrads:
+    """``reduce(w_weights, v_weights)`` (a backward reduction on the weights an SSN switch
+    gave in the forward, frozen as ``selection`` says), with its switch gradients taken back
+    to the logits ``w``, ``v`` through sparsestmax."""
+    assert selection is not None, "an SSN switch's backward needs the forward's selection"
+    weights, _, _ = _sparse_switches(w, v, radius, selection[0], selection[1])
+    grads = reduce(weights[0], weights[1])
+    grad_w, grad_v = F.sparse_switch_grads(grads.grad_w, grads.grad_v, w, v, radius, selection)
+    return grads._replace(grad_w=grad_w, grad_v=grad_v)
 
 
 def _empty_like_param(weight: Tensor | None, like: Tensor) -> Tensor:
@@ -112,8 +159,11 @@ class ReferenceBackend(Backend):
 
     def sn_output(
         self, x, stats, bn_mean, bn_var, w, v, weight, bias, eps, logits, scopes=7,
-        selected=(-1, -1),
+        selected=(-1, -1), sparse=None,
     ):  # fmt: skip
+        selection = None
+        if sparse is not None:
+            w, v, selection = sparse_switch_weights(w, v, sparse)
         w64, v64 = _mixing64(w, v, logits, scopes, selected)
         has_bn = bn_mean is not None and bn_var is not None
         mu = F.mix(w64, [stats.mean, stats.ln_mean[:, None], bn_mean[None] if has_bn else None])
@@ -123,12 +173,19 @@ class ReferenceBackend(Backend):
         shift = (stats.centre.double() - mu) * scale
         if bias is not None:
             shift = shift + bias.double()
-        return _affine(x, stats.centre, scale, shift), SNMixed(mu, var, rstd)
+        return _affine(x, stats.centre, scale, shift), SNMixed(mu, var, rstd, selection)
 
     def sn_backward_reduce(
         self, x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, logits, scopes=7,
-        selected=(-1, -1),
+        selected=(-1, -1), radius=None,
     ):  # fmt: skip
+        if radius is not None:
+            return through_sparse_switch(
+                lambda w, v: self.sn_backward_reduce(
+                    x, dy, stats, mixed, bn_mean, bn_var, w, v, weight, ddof, False, scopes
+                ),
+                w, v, radius, mixed.selection,
+            )  # fmt: skip
         c = x.shape[1]
         w64, v64 = _mixing64(w, v, logits, scopes, selected)
         gamma = _gamma(weight, mixed.rstd)

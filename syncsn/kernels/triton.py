@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .interface import Backend, BatchMoments, BNSaved, SNGrads, SNMixed, SNStats
+from .interface import Backend, BatchMoments, BNSaved, SNGrads, SNMixed, SNStats, SparseSwitch
 
 try:
     from . import triton_kernels as K
@@ -422,6 +422,7 @@ class TritonBackend(Backend):
         logits: bool,
         scopes: int = 7,
         selected: tuple[int, int] = (-1, -1),
+        sparse: SparseSwitch | None = None,
     ) -> tuple[Tensor, SNMixed]:
         select_w, select_v = _check_switches(w, v, scopes, selected)
         plan, n, c, length = self._plan(x)
@@ -434,20 +435,26 @@ class TritonBackend(Backend):
         mixed = [torch.empty((n, c), dtype=_F64, device=dev) for _ in range(3)]
         dummy = self._dummy(x)
         st = [t.contiguous() for t in stats]
+        selection = None
+        switch = [dummy] * 4
+        if sparse is not None:
+            selection = torch.empty(2, dtype=torch.long, device=dev)
+            switch = [sparse.radius, sparse.frozen_w, sparse.frozen_v, selection]
         with self._device(x):
             K.sn_output_kernel[plan.grid()](
                 x, *sx, y, *sy, n, c, length, *st,
                 bn_mean.contiguous() if has_bn else dummy,
                 bn_var.contiguous() if has_bn else dummy,
-                w.contiguous(), v.contiguous(),
+                w.contiguous(), v.contiguous(), *switch,
                 weight.contiguous() if weight is not None else dummy,
                 bias.contiguous() if bias is not None else dummy,
                 _bits(eps), *mixed, plan.num_cb, plan.rows, plan.chunks, plan.chunk_len,
                 HAS_BN=has_bn, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 LOGITS=logits, SCOPES=scopes, SELECT_W=select_w, SELECT_V=select_v,
+                SPARSE=sparse is not None, FREEZE=sparse is not None and sparse.freeze,
                 WIDE=_wide(c, length, sx, sy), **plan.blocks(),
             )  # fmt: skip
-        return y, SNMixed(*mixed)
+        return y, SNMixed(*mixed, selection)
 
     def sn_backward_reduce(
         self,
@@ -464,6 +471,7 @@ class TritonBackend(Backend):
         logits: bool,
         scopes: int = 7,
         selected: tuple[int, int] = (-1, -1),
+        radius: Tensor | None = None,
     ) -> SNGrads:
         select_w, select_v = _check_switches(w, v, scopes, selected)
         plan, n, c, length = self._plan(x)
@@ -488,20 +496,25 @@ class TritonBackend(Backend):
         counter = _counter(dev, plan.num_groups + 1)
         dummy = self._dummy(x)
         st = [t.contiguous() for t in stats]
-        mx = [t.contiguous() for t in mixed]
+        mx = [t.contiguous() for t in mixed[:3]]
+        switch = [dummy] * 2
+        if radius is not None:
+            assert mixed.selection is not None
+            switch = [radius, mixed.selection]
         with self._device(x):
             K.sn_reduce_kernel[plan.grid()](
                 x, *sx, dy, *sd, n, c, length, ws, rows_ws, gw_ws, counter, *st, *mx,
                 bn_mean.contiguous() if has_bn else dummy,
                 bn_var.contiguous() if has_bn else dummy,
-                w.contiguous(), v.contiguous(),
+                w.contiguous(), v.contiguous(), *switch,
                 weight.contiguous() if weight is not None else dummy,
                 totals, grad_mean, grad_var, grad_w, grad_v,
                 grad_weight if weight is not None else dummy,
                 grad_bias if weight is not None else dummy,
                 *plan.launch_args(), plan.num_groups, ddof,
                 HAS_BN=has_bn, HAS_WEIGHT=weight is not None, LOGITS=logits, SCOPES=scopes,
-                SELECT_W=select_w, SELECT_V=select_v, WIDE=_wide(c, length, sx, sd),
+                SELECT_W=select_w, SELECT_V=select_v, SPARSE=radius is not None,
+                WIDE=_wide(c, length, sx, sd),
                 **plan.blocks(), **plan.finalize(),
             )  # fmt: skip
         return SNGrads(totals, grad_mean, grad_var, grad_w, grad_v, grad_weight, grad_bias)

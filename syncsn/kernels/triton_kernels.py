@@ -403,6 +403,109 @@ def _folded(
     return new_mean.to(rm_ptr.dtype.element_ty), new_var.to(rv_ptr.dtype.element_ty)
 
 
+# --- Sparse Switchable Normalization: sparsestmax of at most three logits ------------------
+# The rounds of syncsn.sparsemax._sparsestmax_unchecked written out for one vector held in
+# four lanes (0 IN, 1 LN, 2 BN, 3 padding): two pushes, then the vertex the last round
+# leaves. Every program of a kernel computes them (a few hundred flops), so that neither
+# the weights nor their gradient need a launch of their own.
+
+_LANES = tl.constexpr(4)
+_FAR = tl.constexpr(1e300)
+
+
+@triton.jit
+def _scope_lanes(SCOPES: tl.constexpr):
+    """(4,) lanes: the scope index, whether the layer has that scope, its slot in the
+    layer's (K,) vectors."""
+    j = tl.arange(0, _LANES)
+    own = ((tl.full([_LANES], SCOPES, tl.int32) >> j) & 1) == 1
+    slot = tl.where(j > 0, SCOPES & 1, 0) + tl.where(j > 1, (SCOPES >> 1) & 1, 0)
+    return j, own & (j < 3), slot
+
+
+@triton.jit
+def _sparsemax_lanes(q, valid):
+    """Sparsemax over the valid lanes: the support is every entry that qualifies against
+    the entries at least as large (ties qualify together), as in the sorted algorithm."""
+    z = tl.where(valid, q - tl.max(tl.where(valid, q, -_FAR), 0), 0.0)
+    at_least = (z[None, :] >= z[:, None]) & valid[None, :]
+    rank = tl.sum(at_least.to(tl.float64), 1)
+    above = tl.sum(tl.where(at_least, z[None, :], 0.0), 1)
+    support = valid & (1.0 + rank * z > above)
+    tau = (tl.sum(tl.where(support, z, 0.0), 0) - 1.0) / tl.sum(support.to(tl.float64), 0)
+    return tl.where(valid, tl.maximum(z - tau, 0.0), 0.0)
+
+
+@triton.jit
+def _sparsemax_vjp(support, size, g):
+    return tl.where(support, g - tl.sum(tl.where(support, g, 0.0), 0) / size, 0.0)
+
+
+@triton.jit
+def _push_round(q, valid, radius, centre_prev, leave_tol, FIRST: tl.constexpr):
+    """One round: sparsemax of ``q``, then the push away from the centre of its face.
+    Returns what the forward and the vector-Jacobian product need."""
+    w = _sparsemax_lanes(q, valid)
+    support = w > 0
+    size = tl.sum(support.to(tl.float64), 0)
+    centre = tl.where(support, 1.0 / size, 0.0)
+    if not FIRST:
+        travelled = tl.sum((centre - centre_prev) * (centre - centre_prev), 0)
+        radius = tl.sqrt(tl.maximum(radius * radius - travelled, 0.0))
+    offset = w - centre
+    offset = tl.where(support, offset - tl.sum(offset, 0) / size, 0.0)
+    dist_sq = tl.sum(offset * offset, 0)
+    degenerate = (tl.max(w, 0) == tl.min(tl.where(support, w, _FAR), 0)) | (dist_sq == 0)
+    dist = tl.sqrt(tl.where(degenerate, 1.0, dist_sq))
+    keep = (size == 1) | degenerate | (dist >= radius)
+    p = centre + (radius / dist) * offset
+    leaves = tl.min(tl.where(support, p, _FAR), 0) < leave_tol
+    kept = tl.where(size == 1, w / tl.sum(w, 0), w)
+    value = tl.where(keep, kept, p / tl.sum(p, 0))
+    return support, size, centre, offset, dist, radius, keep, keep | ~leaves, p, value
+
+
+@triton.jit
+def _round_vjp(support, size, keep, offset, dist, radius, p, g):
+    """The gradient of a round's value, ``g``, taken back to the round's ``q``."""
+    total = tl.sum(p, 0)
+    g_p = g / total - tl.sum(g * p, 0) / (total * total)
+    pushed = _sparsemax_vjp(support, size, _push_vjp(offset, dist, radius, g_p))
+    return tl.where(keep, _sparsemax_vjp(support, size, g), pushed)
+
+
+@triton.jit
+def _push_vjp(offset, dist, radius, g_p):
+    """Through p = centre + radius / |offset| * offset, to the offset."""
+    return (radius / dist) * (g_p - offset * (tl.sum(offset * g_p, 0) / (dist * dist)))
+
+
+@triton.jit
+def _sparsestmax_lanes(z, valid, radius, leave_tol, g, VJP: tl.constexpr):
+    """sparsestmax(z, radius) over the valid lanes; with ``VJP`` the gradient ``g`` of the
+    result taken back to ``z`` instead."""
+    s1, n1, c1, o1, d1, r1, keep1, done1, p1, value1 = _push_round(
+        z, valid, radius, z, leave_tol, True
+    )
+    # A coordinate that leaves the face is lowered by 2: out of the next support.
+    q2 = tl.where(p1 >= leave_tol, p1, p1 - 2.0)
+    s2, n2, c2, o2, d2, r2, keep2, done2, p2, value2 = _push_round(
+        q2, valid, r1, c1, leave_tol, False
+    )
+    if VJP:
+        back1 = _round_vjp(s1, n1, keep1, o1, d1, r1, p1, g)
+        back2 = _round_vjp(s2, n2, keep2, o2, d2, r2, p2, g)
+        back2 = _sparsemax_vjp(s1, n1, _push_vjp(o1, d1, r1, back2))
+        # The last vertex has a zero gradient.
+        return tl.where(done1, back1, tl.where(done2, back2, 0.0))
+    q3 = tl.where(p2 >= leave_tol, p2, p2 - 2.0)
+    lane = tl.arange(0, _LANES)
+    top = tl.max(tl.where(valid, q3, -_FAR), 0)
+    first = tl.min(tl.where(valid & (q3 == top), lane, _LANES), 0)
+    vertex = tl.where(lane == first, 1.0, 0.0)
+    return tl.where(done1, value1, tl.where(done2, value2, vertex))
+
+
 # --- Switchable Normalization: output -------------------------------------------------------
 
 
@@ -427,15 +530,25 @@ def _one_hot_entry(k: tl.constexpr, SELECT: tl.constexpr):
 
 
 @triton.jit
-def _mixing(w_ptr, LOGITS: tl.constexpr, SCOPES: tl.constexpr, SELECT: tl.constexpr):
+def _mixing(
+    w_ptr, radius_ptr, frozen_ptr, LOGITS: tl.constexpr, SCOPES: tl.constexpr,
+    SELECT: tl.constexpr, SPARSE: tl.constexpr,
+):  # fmt: skip
     """The three mixing weights over (IN, LN, BN) in float64 (functional.mixing_weights64)
     from the (K,) vector over the scopes of the mask ``SCOPES``: the softmax of logits, or
     weights renormalised to sum to 1; with ``SELECT`` >= 0 (a frozen vector) the one-hot
-    weights of scope ``SELECT``."""
+    weights of scope ``SELECT``; with ``SPARSE`` the sparsestmax of the logits, one-hot where
+    ``frozen_ptr`` holds a scope (:func:`_sparse_switch`)."""
     if SELECT >= 0:
         w0 = _one_hot_entry(0, SELECT)
         w1 = _one_hot_entry(1, SELECT)
         w2 = _one_hot_entry(2, SELECT)
+    elif SPARSE:
+        j, _, _ = _scope_lanes(SCOPES)
+        p, _ = _sparse_switch(w_ptr, radius_ptr, frozen_ptr, SCOPES)
+        w0 = tl.sum(tl.where(j == 0, p, 0.0), 0)
+        w1 = tl.sum(tl.where(j == 1, p, 0.0), 0)
+        w2 = tl.sum(tl.where(j == 2, p, 0.0), 0)
     else:
         w0 = _switch(w_ptr, 0, SCOPES & 1, LOGITS)
         w1 = _switch(w_ptr, SCOPES & 1, (SCOPES >> 1) & 1, LOGITS)
@@ -453,6 +566,43 @@ def _mixing(w_ptr, LOGITS: tl.constexpr, SCOPES: tl.constexpr, SELECT: tl.conste
 
 
 @triton.jit
+def _leave_tol(radius_ptr):
+    """4 ulps of the dtype SSN's weights are defined in (float32 for half parameters)."""
+    if radius_ptr.dtype.element_ty == tl.float64:
+        return 4 * 2.220446049250313e-16
+    else:
+        return 4 * 1.1920928955078125e-07
+
+
+@triton.jit
+def _sparse_switch(z_ptr, radius_ptr, frozen_ptr, SCOPES: tl.constexpr):
+    """An SSN vector's weights in lanes (one-hot on the frozen scope, else the sparsestmax
+    of the logits at ``z_ptr``) and the selection after this call: the frozen scope, or the
+    one a one-hot sparsestmax selects, or -1 (syncsn.sparse_switchnorm._newly_frozen)."""
+    j, own, slot = _scope_lanes(SCOPES)
+    z = tl.load(z_ptr + slot, mask=own, other=0.0).to(tl.float64)
+    radius = tl.load(radius_ptr).to(tl.float64)
+    p = _sparsestmax_lanes(z, own, radius, _leave_tol(radius_ptr), z, False)
+    frozen = tl.load(frozen_ptr)
+    one_hot = tl.sum((p != 0).to(tl.int32), 0) == 1
+    selected = tl.sum(tl.where(p != 0, slot, 0), 0).to(frozen.dtype)
+    selection = tl.where((frozen < 0) & one_hot, selected, frozen)
+    p = tl.where(frozen >= 0, tl.where(own & (slot == frozen), 1.0, 0.0), p)
+    return p, selection
+
+
+@triton.jit
+def _sparse_switch_vjp(z_ptr, radius_ptr, frozen_ptr, g, SCOPES: tl.constexpr):
+    """The gradient ``g`` (lanes) of an SSN vector's weights taken to its logits (lanes):
+    zero for a frozen vector, whose weights are constants."""
+    j, own, slot = _scope_lanes(SCOPES)
+    z = tl.load(z_ptr + slot, mask=own, other=0.0).to(tl.float64)
+    radius = tl.load(radius_ptr).to(tl.float64)
+    g_z = _sparsestmax_lanes(z, own, radius, _leave_tol(radius_ptr), g, True)
+    return tl.where(tl.load(frozen_ptr) >= 0, 0.0, g_z)
+
+
+@triton.jit
 def _param(ptr, c, cm, default, HAS: tl.constexpr):
     if HAS:
         return tl.load(ptr + c, mask=cm, other=default).to(tl.float64)
@@ -463,16 +613,29 @@ def _param(ptr, c, cm, default, HAS: tl.constexpr):
 def sn_output_kernel(
     x_ptr, sxn, sxc, sxl, y_ptr, syn, syc, syl, N, C, L,
     centre_ptr, mean_ptr, var_ptr, ln_mean_ptr, ln_var_ptr, bn_mean_ptr, bn_var_ptr,
-    w_ptr, v_ptr, weight_ptr, bias_ptr, eps_bits,
-    mix_mean_ptr, mix_var_ptr, rstd_ptr,
+    w_ptr, v_ptr, radius_ptr, frozen_w_ptr, frozen_v_ptr, selection_ptr,
+    weight_ptr, bias_ptr, eps_bits, mix_mean_ptr, mix_var_ptr, rstd_ptr,
     num_cb, rows, chunks, chunk_len,
     HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     LOGITS: tl.constexpr, SCOPES: tl.constexpr, SELECT_W: tl.constexpr, SELECT_V: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
+    SPARSE: tl.constexpr, FREEZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
     """Prologue: the mixing weights, and the scopes of each (n, c) mixed (float64); then
-    y = (x - centre) a + b."""
+    y = (x - centre) a + b. With ``SPARSE`` the first program also writes the selections
+    after this call to ``selection`` (2,), and with ``FREEZE`` (an SSN layer in training)
+    into the frozen buffers: a vector found one-hot gives the same weights frozen or not, so
+    the other programs may read either."""
     pid = tl.program_id(0)
+    if SPARSE:
+        if pid == 0:
+            _, select_w = _sparse_switch(w_ptr, radius_ptr, frozen_w_ptr, SCOPES)
+            _, select_v = _sparse_switch(v_ptr, radius_ptr, frozen_v_ptr, SCOPES)
+            tl.store(selection_ptr, select_w)
+            tl.store(selection_ptr + 1, select_v)
+            if FREEZE:
+                tl.store(frozen_w_ptr, select_w)
+                tl.store(frozen_v_ptr, select_v)
     chunk, cb, rb = _split_pid(pid, chunks, num_cb)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -480,8 +643,8 @@ def sn_output_kernel(
     l_hi = tl.minimum(l_lo + chunk_len, L)
     lanes = tl.arange(0, BLOCK_L)
     eps = _f64(eps_bits)
-    w0, w1, w2 = _mixing(w_ptr, LOGITS, SCOPES, SELECT_W)
-    v0, v1, v2 = _mixing(v_ptr, LOGITS, SCOPES, SELECT_V)
+    w0, w1, w2 = _mixing(w_ptr, radius_ptr, frozen_w_ptr, LOGITS, SCOPES, SELECT_W, SPARSE)
+    v0, v1, v2 = _mixing(v_ptr, radius_ptr, frozen_v_ptr, LOGITS, SCOPES, SELECT_V, SPARSE)
     gamma = _param(weight_ptr, c, cm, 1.0, HAS_WEIGHT)
     beta = _param(bias_ptr, c, cm, 0.0, HAS_BIAS)
     if HAS_BN:
@@ -623,12 +786,12 @@ def sn_reduce_kernel(
     x_ptr, sxn, sxc, sxl, dy_ptr, sdn, sdc, sdl, N, C, L,
     ws_ptr, rows_ws_ptr, gw_ws_ptr, cnt_ptr,
     centre_ptr, mean_ptr, var_ptr, ln_mean_ptr, ln_var_ptr, mix_mean_ptr, mix_var_ptr,
-    rstd_ptr, bn_mean_ptr, bn_var_ptr, w_ptr, v_ptr, weight_ptr,
-    totals_ptr, grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr, grad_weight_ptr,
-    grad_bias_ptr,
+    rstd_ptr, bn_mean_ptr, bn_var_ptr, w_ptr, v_ptr, radius_ptr, selection_ptr,
+    weight_ptr, totals_ptr, grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr,
+    grad_weight_ptr, grad_bias_ptr,
     num_cb, rows, num_rb, chunks, chunk_len, num_groups, ddof,
     HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, LOGITS: tl.constexpr, SCOPES: tl.constexpr,
-    SELECT_W: tl.constexpr, SELECT_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    SELECT_W: tl.constexpr, SELECT_V: tl.constexpr, SPARSE: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr, GROUP: tl.constexpr, FIN_N: tl.constexpr, FIN_CH: tl.constexpr,
     WIDE: tl.constexpr, EVEN_C: tl.constexpr,
 ):  # fmt: skip
@@ -637,6 +800,7 @@ def sn_reduce_kernel(
     Workspaces: ``ws`` (N, chunks, 2, C) float32 sums; ``rows_ws`` (N, groups, 2) float64:
     each group's sums over its channels of d loss / d mu and d loss / d var per sample;
     ``gw_ws`` (groups, 6) float64: each group's share of the switch-weight gradients.
+    With ``SPARSE``, ``selection`` (2,) is what the forward had frozen after its call.
     """
     pid = tl.program_id(0)
     chunk, cb, rb = _split_pid(pid, chunks, num_cb)
@@ -658,15 +822,16 @@ def sn_reduce_kernel(
         _sn_reduce_group(
             ws_ptr, rows_ws_ptr, gw_ws_ptr, g, N, C, chunks, num_groups,
             centre_ptr, mean_ptr, var_ptr, ln_mean_ptr, ln_var_ptr, mix_mean_ptr, mix_var_ptr,
-            rstd_ptr, bn_mean_ptr, bn_var_ptr, w_ptr, v_ptr, weight_ptr,
-            totals_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr, grad_bias_ptr,
-            HAS_BN, HAS_WEIGHT, LOGITS, SCOPES, SELECT_W, SELECT_V, GROUP, FIN_N, FIN_CH,
+            rstd_ptr, bn_mean_ptr, bn_var_ptr, w_ptr, v_ptr, radius_ptr, selection_ptr,
+            selection_ptr + 1, weight_ptr, totals_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr,
+            grad_bias_ptr, HAS_BN, HAS_WEIGHT, LOGITS, SCOPES, SELECT_W, SELECT_V, SPARSE,
+            GROUP, FIN_N, FIN_CH,
         )  # fmt: skip
         if _arrive(cnt_ptr + num_groups, num_groups):
             _sn_reduce_rows(
                 rows_ws_ptr, gw_ws_ptr, N, C, num_groups, ddof, mean_ptr, ln_mean_ptr,
-                w_ptr, v_ptr, grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr, LOGITS,
-                SCOPES, SELECT_W, SELECT_V,
+                w_ptr, v_ptr, radius_ptr, selection_ptr, selection_ptr + 1, grad_mean_ptr,
+                grad_var_ptr, grad_w_ptr, grad_v_ptr, LOGITS, SCOPES, SELECT_W, SELECT_V, SPARSE,
             )  # fmt: skip
 
 
@@ -674,18 +839,19 @@ def sn_reduce_kernel(
 def _sn_reduce_group(
     ws_ptr, rows_ws_ptr, gw_ws_ptr, g, N, C, chunks, num_groups,
     centre_ptr, mean_ptr, var_ptr, ln_mean_ptr, ln_var_ptr, mix_mean_ptr, mix_var_ptr,
-    rstd_ptr, bn_mean_ptr, bn_var_ptr, w_ptr, v_ptr, weight_ptr,
-    totals_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr, grad_bias_ptr,
+    rstd_ptr, bn_mean_ptr, bn_var_ptr, w_ptr, v_ptr, radius_ptr, frozen_w_ptr, frozen_v_ptr,
+    weight_ptr, totals_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr, grad_bias_ptr,
     HAS_BN: tl.constexpr, HAS_WEIGHT: tl.constexpr, LOGITS: tl.constexpr,
-    SCOPES: tl.constexpr, SELECT_W: tl.constexpr, SELECT_V: tl.constexpr, GROUP: tl.constexpr,
+    SCOPES: tl.constexpr, SELECT_W: tl.constexpr, SELECT_V: tl.constexpr, SPARSE: tl.constexpr,
+    GROUP: tl.constexpr,
     FIN_N: tl.constexpr, FIN_CH: tl.constexpr,
 ):  # fmt: skip
     """Per (n, c) of one channel group: d loss / d mu and d loss / d var (stored in the
     gradient outputs, completed by :func:`_sn_reduce_rows`), and the per-channel sums."""
     cg = g * GROUP + tl.arange(0, GROUP)
     gm = cg < C
-    w0, w1, w2 = _mixing(w_ptr, LOGITS, SCOPES, SELECT_W)
-    v0, v1, v2 = _mixing(v_ptr, LOGITS, SCOPES, SELECT_V)
+    w0, w1, w2 = _mixing(w_ptr, radius_ptr, frozen_w_ptr, LOGITS, SCOPES, SELECT_W, SPARSE)
+    v0, v1, v2 = _mixing(v_ptr, radius_ptr, frozen_v_ptr, LOGITS, SCOPES, SELECT_V, SPARSE)
     gamma = _param(weight_ptr, cg, gm, 1.0, HAS_WEIGHT)
     if HAS_BN:
         bn_mean = tl.load(bn_mean_ptr + cg, mask=gm, other=0.0)
@@ -755,14 +921,16 @@ def _sn_reduce_group(
 @triton.jit
 def _sn_reduce_rows(
     rows_ws_ptr, gw_ws_ptr, N, C, num_groups, ddof, mean_ptr, ln_mean_ptr, w_ptr, v_ptr,
-    grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr, LOGITS: tl.constexpr,
-    SCOPES: tl.constexpr, SELECT_W: tl.constexpr, SELECT_V: tl.constexpr,
+    radius_ptr, frozen_w_ptr, frozen_v_ptr, grad_mean_ptr, grad_var_ptr, grad_w_ptr, grad_v_ptr,
+    LOGITS: tl.constexpr, SCOPES: tl.constexpr, SELECT_W: tl.constexpr, SELECT_V: tl.constexpr,
+    SPARSE: tl.constexpr,
 ):  # fmt: skip
     """The LN terms of d loss / d (instance mean, variance), which need every channel of a
     sample, and the switch-weight gradients from the groups' shares (of the logits, through
-    softmax's vector-Jacobian product p * (g - <g, p>), with ``LOGITS``)."""
-    w0, w1, w2 = _mixing(w_ptr, LOGITS, SCOPES, SELECT_W)
-    v0, v1, v2 = _mixing(v_ptr, LOGITS, SCOPES, SELECT_V)
+    softmax's vector-Jacobian product p * (g - <g, p>), with ``LOGITS``; through
+    sparsestmax's, with ``SPARSE``)."""
+    w0, w1, w2 = _mixing(w_ptr, radius_ptr, frozen_w_ptr, LOGITS, SCOPES, SELECT_W, SPARSE)
+    v0, v1, v2 = _mixing(v_ptr, radius_ptr, frozen_v_ptr, LOGITS, SCOPES, SELECT_V, SPARSE)
     r = tl.arange(0, _ROWS_R)
     q = tl.arange(0, _ROWS_G)
     lanes = tl.arange(0, _ROWS_C)
@@ -806,6 +974,16 @@ def _sn_reduce_rows(
         dot_w = tl.sum(tl.where(k < 3, total * p, 0.0), 0)
         dot_v = tl.sum(tl.where(k >= 3, total * p, 0.0), 0)
         total = p * (total - tl.where(k < 3, dot_w, dot_v))
+    if SPARSE:
+        # Lanes 0-2 / 3-5 to the four lanes of each vector, through sparsestmax, and back.
+        j = tl.arange(0, _LANES)
+        on_w = j[:, None] == k[None, :]
+        on_v = (j + 3)[:, None] == k[None, :]
+        g_w = tl.sum(tl.where(on_w, total[None, :], 0.0), 1)
+        g_v = tl.sum(tl.where(on_v, total[None, :], 0.0), 1)
+        g_w = _sparse_switch_vjp(w_ptr, radius_ptr, frozen_w_ptr, g_w, SCOPES)
+        g_v = _sparse_switch_vjp(v_ptr, radius_ptr, frozen_v_ptr, g_v, SCOPES)
+        total = tl.sum(tl.where(on_w, g_w[:, None], 0.0) + tl.where(on_v, g_v[:, None], 0.0), 0)
     # A selected (frozen) vector is a constant of the layer.
     if SELECT_W >= 0:
         total = tl.where(k < 3, 0.0, total)
