@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import comm
 from . import functional as F
 from .deferred import DeferredRead
-from .kernels import ops
+from .kernels import ops, passes_backend, reference
 from .switchnorm import (
     ForwardWeights,
     SwitchNorm1d,
@@ -309,7 +309,7 @@ class _SparseSwitchMixin(_SwitchNorm):
         )
         return weights
 
-    def _forward_weights(self, fused: bool) -> ForwardWeights:
+    def _forward_weights(self, x: Tensor, deploy: bool) -> ForwardWeights:
         settled = self._reads().settled
         if settled is not None:
             # The kernels use the frozen scopes' one-hot weights and give the logits a zero
@@ -318,17 +318,26 @@ class _SparseSwitchMixin(_SwitchNorm):
             return ForwardWeights(
                 self.mean_weight, self.var_weight, self._uses_bn(settled), False, settled
             )
-        if not fused:  # an exported graph: plain operations
+        if deploy:  # an exported graph: plain operations
             weights = self._weights(False)
             return ForwardWeights(weights[0], weights[1], self.using_bn, False)
-        # The kernels compute sparsestmax, the freezing and their gradient (the host learns
-        # of the freezing after the call, see _switched).
         if self.training and self._debug_checked():
             self._frozen_before = self._frozen_indices()
         buffers = (self.radius, self.frozen_mean, self.frozen_var)
-        return ForwardWeights(
-            self.mean_weight, self.var_weight, self.using_bn, False, sparse=buffers
+        if not ops.plain_eager() or passes_backend(x, self.weight, self.bias).fuses_sparse_switch:
+            # The kernels compute sparsestmax, the freezing and their gradient (the host
+            # learns of the freezing after the call, see _switched).
+            return ForwardWeights(
+                self.mean_weight, self.var_weight, self.using_bn, False, sparse=buffers
+            )
+        # Backends without the fused switch (CPU): torch operations, which autograd
+        # differentiates; cheaper than the same math run again in backward where an
+        # operation costs no kernel launch.
+        weights, _, selection = reference.sparse_switches(
+            self.mean_weight, self.var_weight, *buffers
         )
+        self._switched(selection, written=False)
+        return ForwardWeights(weights[0], weights[1], self.using_bn, False)
 
     def _debug_checked(self) -> bool:
         """Whether the ranks compare their freezing (SYNCSN_DEBUG, a synchronizing call)."""
@@ -343,9 +352,9 @@ class _SparseSwitchMixin(_SwitchNorm):
             return self.using_bn and self.scopes.index("bn") in settled
         return self.using_bn
 
-    def _switched(self, selection: Tensor) -> None:
-        """After a call: in training, publish the selection (2,) to the host. In plain eager
-        mode the kernels have written it into the buffers; otherwise it is copied here."""
+    def _switched(self, selection: Tensor, written: bool = True) -> None:
+        """In training, publish the selection (2,) of a call to the host, and write it into
+        the buffers unless the backend has (``written``: in plain eager mode)."""
         if not self.training:
             return
         reads = self._reads()
@@ -362,10 +371,13 @@ class _SparseSwitchMixin(_SwitchNorm):
                     self.frozen_var.fill_(self._frozen_before[1])
                 raise
         layer, scopes = type(self).__name__, ",".join(self.scopes)
-        if ops.plain_eager():  # nothing can drop the read: no op and no copy around it
+        eager = ops.plain_eager()
+        if eager:  # nothing can drop the read: no op around it
             _learn_frozen(selection, reads.key, layer, scopes)
-            return
-        selection = torch.ops.syncsn.publish_frozen(selection, reads.key, layer, scopes)
+            if written:
+                return
+        else:
+            selection = torch.ops.syncsn.publish_frozen(selection, reads.key, layer, scopes)
         with torch.no_grad():
             self.frozen_mean.copy_(selection[0])
             self.frozen_var.copy_(selection[1])

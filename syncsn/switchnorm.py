@@ -251,13 +251,13 @@ class _SwitchNorm(_BatchNorm):
     def _check_input(self, x: Tensor) -> None:
         check_input(x, self, self._ndims, self._layout)
 
-    def _forward_weights(self, fused: bool) -> ForwardWeights:
-        """What this call mixes the scopes with (:class:`ForwardWeights`). SN passes its
-        logits: the kernels compute the softmax (and its backward) as part of their passes.
-        ``fused``: the weights go to the kernels (else to an exported graph's operations)."""
+    def _forward_weights(self, x: Tensor, deploy: bool) -> ForwardWeights:
+        """What this call on ``x`` mixes the scopes with (:class:`ForwardWeights`). SN passes
+        its logits: the kernels compute the softmax (and its backward) as part of their
+        passes. ``deploy``: the weights go to an exported graph's operations instead."""
         return ForwardWeights(self.mean_weight, self.var_weight, self.using_bn, True)
 
-    def _switched(self, selection: Tensor) -> None:
+    def _switched(self, selection: Tensor, written: bool = True) -> None:
         """After a call with a :attr:`ForwardWeights.sparse` switch: the (2,) selection."""
 
     def _debug_check(self, x: Tensor) -> None:
@@ -268,7 +268,7 @@ class _SwitchNorm(_BatchNorm):
         self._debug_check(x)
         eager = ops.plain_eager()  # (no export or trace records an eager call)
         deploy = not eager and exporting() and not self.training
-        w, v, use_bn, logits, selected, sparse = self._forward_weights(fused=not deploy)
+        w, v, use_bn, logits, selected, sparse = self._forward_weights(x, deploy)
         # torch's rule: without tracked running statistics the BN scope is the batch's, in
         # eval mode too (where it is local: eval never communicates).
         tracked = self.track_running_stats and self.running_mean is not None

@@ -143,6 +143,9 @@ class Backend:
     """
 
     name: str = ""
+    # Whether the passes compute an SSN switch (sparsestmax, its gradient) themselves; else
+    # the layer computes its weights with torch operations, which autograd differentiates.
+    fuses_sparse_switch: bool = False
 
     def available(self) -> bool:
         """Whether the backend can run at all in this process (built, importable)."""

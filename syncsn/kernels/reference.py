@@ -23,7 +23,12 @@ from .interface import (
     SparseSwitch,
 )
 
-__all__ = ["ReferenceBackend", "sparse_switch_weights", "through_sparse_switch"]
+__all__ = [
+    "ReferenceBackend",
+    "sparse_switches",
+    "sparse_switch_weights",
+    "through_sparse_switch",
+]
 
 
 def _gamma(weight: Tensor | None, like: Tensor) -> Tensor:
@@ -65,7 +70,8 @@ def _combine(
 STOP_EARLY_ON_CPU = True
 
 
-def _sparse_switches(w: Tensor, v: Tensor, radius: Tensor, frozen_w: Tensor, frozen_v: Tensor):
+def sparse_switches(w: Tensor, v: Tensor, radius: Tensor, frozen_w: Tensor, frozen_v: Tensor):
+    """:func:`syncsn.functional.sparse_switches`, stopping early on CPU where that is free."""
     from .ops import plain_eager  # (ops imports the backends)
 
     stop_early = STOP_EARLY_ON_CPU and w.is_cpu and plain_eager()
@@ -77,7 +83,7 @@ def sparse_switch_weights(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """An SSN switch in torch operations: the (K,) weights of the logits ``w``, ``v`` and the
     (2,) selection after them, written into the frozen buffers with ``sparse.freeze``."""
-    weights, _, selection = _sparse_switches(w, v, *sparse[:3])
+    weights, _, selection = sparse_switches(w, v, *sparse[:3])
     if sparse.freeze:
         sparse.frozen_w.copy_(selection[0])
         sparse.frozen_v.copy_(selection[1])
@@ -91,7 +97,7 @@ def through_sparse_switch(
     gave in the forward, frozen as ``selection`` says), with its switch gradients taken back
     to the logits ``w``, ``v`` through sparsestmax."""
     assert selection is not None, "an SSN switch's backward needs the forward's selection"
-    weights, _, _ = _sparse_switches(w, v, radius, selection[0], selection[1])
+    weights, _, _ = sparse_switches(w, v, radius, selection[0], selection[1])
     grads = reduce(weights[0], weights[1])
     grad_w, grad_v = F.sparse_switch_grads(grads.grad_w, grads.grad_v, w, v, radius, selection)
     return grads._replace(grad_w=grad_w, grad_v=grad_v)

@@ -274,6 +274,7 @@ class TritonBackend(Backend):
     """
 
     name = "triton"
+    fuses_sparse_switch = True
 
     def available(self) -> bool:
         return K is not None and (torch.cuda.is_available() or interpreting())
