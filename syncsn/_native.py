@@ -9,6 +9,14 @@ into ``$SYNCSN_EXTENSION_DIR`` when that is set. The layers compute the same thi
 them, in pure torch: that is what runs when ``SYNCSN_NATIVE=0``, on CUDA, and when the
 kernels cannot be built.
 
+A build is keyed by what it is made of: the extension's name ends with a digest of the
+sources' and headers' contents, the compiler flags, the CPU kind and the torch and Python
+versions, and its directory records the full digest once the build has succeeded. A process
+loads only a build whose digest is its own: two checkouts of different sources keep two
+builds side by side, and a fresh clone of the same sources (any file times) loads the
+existing build without compiling. Builds of sources no checkout uses any more stay in the
+cache directory until deleted.
+
 Building is shared by the processes of a machine: the first one to get the build lock
 compiles (printing a line when it starts and every 20 s), the others print that they wait
 and load its result. Without a C++ compiler every process warns once, in one line, and uses
@@ -21,6 +29,7 @@ and the full log.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -49,29 +58,50 @@ PROGRESS_SECONDS = 20.0
 
 FAILURE_MARKER = "build-failed.json"
 BUILD_LOG = "build.log"
+# Written into the build directory, last: the full digest of what the build is made of.
+BUILT_FROM = "built-from.sha256"
+# Hex digits of that digest in the extension's name.
+NAME_DIGEST_CHARS = 16
+
+
+#: The spellings of ``SYNCSN_NATIVE`` (case-insensitive; unset or empty means on).
+OFF = ("0", "false", "no", "off")
+ON = ("1", "true", "yes", "on")
 
 
 def enabled() -> bool:
-    """False when ``SYNCSN_NATIVE=0`` asks for the pure-torch implementation."""
-    return (_env.get("SYNCSN_NATIVE") or "1").strip() != "0"
+    """False when ``SYNCSN_NATIVE`` (0, false, no, off) asks for the pure-torch
+    implementation; ValueError when it is set to anything else than those or 1, true, yes,
+    on."""
+    return parse_native(_env.get("SYNCSN_NATIVE"))
+
+
+@functools.lru_cache(maxsize=16)
+def parse_native(value: str | None) -> bool:
+    """The meaning of a ``SYNCSN_NATIVE`` value: True (the default) or False.
+
+    Raises:
+        ValueError: a value that is not one of the spellings; naming it and them.
+    """
+    word = (value or "").strip().lower()
+    if not word or word in ON:
+        return True
+    if word in OFF:
+        return False
+    raise ValueError(
+        f"SYNCSN_NATIVE={value!r} is not understood: set it to one of {', '.join(OFF)} to "
+        f"turn the C++ CPU kernels off, or {', '.join(ON)} (the default) to use them "
+        "(case-insensitive)"
+    )
 
 
 def _target() -> tuple[str, list[str]]:
-    """Extension name and instruction-set flags for this CPU and this torch.
-
-    The name carries the instruction set and a digest of the torch and Python versions and
-    the flags, so that machines or environments sharing a cache directory never load a build
-    that their CPU cannot run or that was made against another torch.
-    """
+    """The instruction-set kind of this CPU and the compiler flags for it."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):
-        arch, flags = "avx2", ["-mavx2", "-mfma", "-mf16c"]
-    else:
-        # -Wno-psabi: the vector types are internal, their ABI note does not apply.
-        arch, flags = "generic", ["-Wno-psabi"]
-    flags = [*BASE_FLAGS, *flags]
-    digest = hashlib.sha1(f"{torch.__version__} {sys.version} {flags}".encode()).hexdigest()
-    return f"syncsn_cpu_{arch}_{digest[:8]}", flags
+        return "avx2", [*BASE_FLAGS, "-mavx2", "-mfma", "-mf16c"]
+    # -Wno-psabi: the vector types are internal, their ABI note does not apply.
+    return "generic", [*BASE_FLAGS, "-Wno-psabi"]
 
 
 def compiler() -> str | None:
@@ -156,16 +186,35 @@ class Loader:
 
     Args:
         sources: the C++ files (default: ``syncsn/csrc/*.cpp``).
-        name: the extension's name (default: one per CPU kind, torch and Python version).
+        name: the start of the extension's name (default ``syncsn_cpu``); the CPU kind and
+            the build's digest (:attr:`digest`) follow it.
     """
 
-    def __init__(self, sources: list[Path] | None = None, name: str | None = None) -> None:
+    def __init__(self, sources: list[Path] | None = None, name: str = "syncsn_cpu") -> None:
         self.sources = sources if sources is not None else sorted(SOURCE_DIR.glob("*.cpp"))
-        target_name, self.cflags = _target()
-        self.name = name or target_name
+        self.arch, self.cflags = _target()
+        self.prefix = name
         self.module: ModuleType | None = None
         self.failed = False
         self._lock = threading.Lock()
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of what the build is made of: the contents of the sources and headers,
+        the flags, the CPU kind, and the torch and Python versions (not file times or
+        paths, so that a copy of the same sources finds the same build)."""
+        digest = hashlib.sha256(
+            f"{torch.__version__}\0{sys.version}\0{self.arch}\0{self.cflags}".encode()
+        )
+        for path in self._inputs():
+            content = path.read_bytes() if path.exists() else b"<missing>"
+            digest.update(f"\0{path.name}\0{len(content)}\0".encode() + content)
+        return digest.hexdigest()
+
+    @property
+    def name(self) -> str:
+        """The extension's name: ``{name}_{CPU kind}_{digest[:16]}``."""
+        return f"{self.prefix}_{self.arch}_{self.digest[:NAME_DIGEST_CHARS]}"
 
     def get(self) -> ModuleType | None:
         """The loaded module, building it if needed; None if it cannot be built."""
@@ -197,28 +246,27 @@ class Loader:
         return Path(_get_build_directory(self.name, verbose=False))
 
     def _inputs(self) -> list[Path]:
-        return [*self.sources, *sorted(SOURCE_DIR.glob("*.h"))]
+        """The sources, and the headers they can include: next to them and in csrc."""
+        folders = sorted({SOURCE_DIR, *(p.parent for p in self.sources)})
+        headers = sorted({h for folder in folders for h in folder.glob("*.h")})
+        return [*self.sources, *headers]
 
-    def _up_to_date(self, library: Path) -> bool:
-        if not library.exists():
-            return False
-        built = library.stat().st_mtime
-        return all(p.stat().st_mtime <= built for p in self._inputs() if p.exists())
+    def _built(self, directory: Path, library: Path) -> bool:
+        """The library there was built, completely, from these inputs."""
+        with contextlib.suppress(OSError):
+            return library.exists() and (directory / BUILT_FROM).read_text() == self.digest
+        return False
 
     def build_key(self, cxx: str) -> str:
-        """Digest of what decides the build's outcome: sources, compiler, flags, target."""
-        digest = hashlib.sha1(f"{self.name} {self.cflags}".encode())
-        for path in self._inputs():
-            if path.exists():
-                digest.update(path.name.encode() + path.read_bytes())
+        """Digest of what decides the build's outcome: the build's digest and the compiler."""
         stat = os.stat(cxx)
-        digest.update(f"{os.path.realpath(cxx)} {stat.st_size} {stat.st_mtime_ns}".encode())
-        return digest.hexdigest()
+        compiler_id = f"{os.path.realpath(cxx)} {stat.st_size} {stat.st_mtime_ns}"
+        return hashlib.sha256(f"{self.digest} {compiler_id}".encode()).hexdigest()
 
     def _load(self) -> ModuleType:
         directory = self.build_directory()
         library = directory / f"{self.name}.so"
-        if self._up_to_date(library):
+        if self._built(directory, library):
             # Import the cached build directly: no compiler check, no lock, so a process
             # starts fast and never waits on another one.
             with contextlib.suppress(ImportError):
@@ -247,7 +295,7 @@ class Loader:
                     f"the native CPU kernels failed to build ({previous.get('reason')}; log: "
                     f"{directory / BUILD_LOG}; delete {marker} to try again)"
                 )
-            if self._up_to_date(library):
+            if self._built(directory, library):
                 with contextlib.suppress(ImportError):
                     return _import_library(self.name, library)
             return self._compile(directory, key, marker)
@@ -283,8 +331,13 @@ class Loader:
                 f"the native CPU kernels failed to build ({reason}; log: {directory / BUILD_LOG})"
             ) from error
         marker.unlink(missing_ok=True)
+        module = _import_library(self.name, directory / f"{self.name}.so")
+        # Written last, and whole (a rename): a build cut short is never taken for done.
+        partial = directory / f"{BUILT_FROM}.{os.getpid()}"
+        partial.write_text(self.digest)
+        partial.replace(directory / BUILT_FROM)
         _say(f"native CPU kernels built in {ticker.elapsed:.0f} s")
-        return _import_library(self.name, directory / f"{self.name}.so")
+        return module
 
 
 def _read_marker(path: Path) -> dict | None:

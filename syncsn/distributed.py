@@ -30,6 +30,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -417,6 +418,72 @@ def _tcp_url(addr: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
+#: Seconds a rendezvous may run past its timeout before this process stops waiting for it:
+#: torch's connection attempts end a little after the timeout (their last back-off delay).
+_CONNECT_GRACE_SECONDS = 2.0
+
+
+def _connect_store(
+    addr: str, port: int, timeout: timedelta, rank: int, world_size: int | None = None
+) -> dist.TCPStore:
+    """A client of the store at ``addr:port``, connected within ``timeout``.
+
+    torch's TCPStore client retries until the timeout while nothing listens on the port,
+    but a service that accepts the connection and never answers its handshake (another
+    program holding MASTER_PORT) blocks it forever. So the client is made in a daemon
+    thread, which this process stops waiting for after the timeout (plus torch's last
+    back-off); the thread stays blocked until that service closes the connection.
+    ``world_size=None`` makes a probe that does not count as one of the world's ranks.
+
+    Raises:
+        torch.distributed.DistNetworkError: no store answered; the message names the
+            address, the port and the likely cause.
+    """
+    result: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            result["store"] = dist.TCPStore(
+                addr,
+                port,
+                world_size,
+                is_master=False,
+                timeout=timeout,
+                wait_for_workers=world_size is not None,
+            )
+        except Exception as error:  # noqa: BLE001 - raised again by the waiting thread
+            result["error"] = error
+
+    thread = threading.Thread(target=connect, name="syncsn-store-client", daemon=True)
+    thread.start()
+    thread.join(timeout.total_seconds() + _CONNECT_GRACE_SECONDS)
+    if "store" in result:
+        return result["store"]
+    what = (
+        f"rank {rank} found no process group store at {addr}:{port} (MASTER_ADDR:MASTER_PORT) "
+        f"within the timeout of {timeout.total_seconds():g} s"
+    )
+    if _accepts_connections(addr, port):
+        why = (
+            "something accepts connections on that port but does not answer as a "
+            "torch.distributed store: another service holds it? Give all ranks a free "
+            "MASTER_PORT"
+        )
+    else:
+        why = "nothing accepts connections there: is rank 0 running, at that address?"
+    cause = result.get("error")
+    detail = f" (torch: {cause})" if cause is not None else ""
+    raise dist.DistNetworkError(f"{what}: {why}{detail}") from cause
+
+
+def _accepts_connections(addr: str, port: int) -> bool:
+    try:
+        with socket.create_connection((addr, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def init_distributed(
     backend: str | None = None, timeout: timedelta | float = timedelta(minutes=30)
 ) -> DistInfo:
@@ -424,7 +491,8 @@ def init_distributed(
 
     backend: None picks "nccl" when CUDA is available, else "gloo".
     timeout: for rendezvous and for every collective (a timedelta or seconds); a rank whose
-        peer died or hangs raises after it instead of waiting forever.
+        peer died or hangs raises after it instead of waiting forever, and so does a rank
+        whose MASTER_PORT is held by a service that is not rank 0's store.
 
     Idempotent: a second call returns the same DistInfo. A single process gets world size 1
     and no process group.
@@ -478,16 +546,15 @@ def init_distributed(
             # env:// rendezvous does not separate the attempts, so a restarted worker can
             # read a dead peer's address and hang. Prefix the keys with the restart count.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            agent_store = dist.TCPStore(
-                addr,
-                port,
-                launch.world_size,
-                is_master=False,
-                timeout=timeout,
+            agent_store = _connect_store(
+                addr, port, timeout, launch.rank, world_size=launch.world_size
             )
             store = dist.PrefixStore(f"syncsn/attempt_{attempt}/", agent_store)
             dist.init_process_group(store=store, **group_args)
         else:
+            if launch.rank > 0:
+                # Fails within the timeout where torch's rendezvous would wait forever.
+                _connect_store(addr, port, timeout, launch.rank)
             url = "env://" if launch.launcher == "torchrun" else _tcp_url(addr, port)
             dist.init_process_group(init_method=url, **group_args)
     else:

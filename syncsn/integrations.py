@@ -1,7 +1,9 @@
 """syncsn's layers in OpenMMLab configs (mmengine, mmcv, mmdet, mmseg, ...).
 
-Importing this module registers the layers into mmengine's root ``MODELS`` registry, where
-mmcv's ``build_norm_layer`` and every OpenMMLab codebase look norm layers up::
+Importing syncsn (which imports this module) registers the layers into mmengine's root
+``MODELS`` registry, where mmcv's ``build_norm_layer`` and every OpenMMLab codebase look norm
+layers up. A config run by mmengine's tools, where no code of yours imports syncsn, asks for
+the import::
 
     # in a config
     custom_imports = dict(imports=["syncsn.integrations"], allow_failed_imports=False)
@@ -12,8 +14,13 @@ Names registered without a scope, next to mmcv's ``BN``, ``SyncBN``, ``GN``, ``L
 is 2d). Every syncsn layer is also registered in the scope ``syncsn``, where ``SyncBN`` is
 :class:`syncsn.SyncBatchNorm` (which runs on CPU/gloo too): ``dict(type="syncsn.SyncBN")``.
 mmengine imports ``syncsn.registry`` by itself when a config names a type in that scope, so
-scoped names need no ``custom_imports``; a process that imports syncsn after mmengine
-registers both kinds of names.
+scoped names need no ``custom_imports``.
+
+``import syncsn`` registers both kinds of names, whichever of syncsn and mmengine (or mmcv,
+mmdet, mmseg, which import it) a process imports first: with mmengine already imported, at
+once; otherwise right after ``mmengine.registry`` is imported, by a hook in ``sys.meta_path``
+that only watches for that module (and ``mmengine.model.utils``, for the converter below),
+so that importing syncsn never imports mmengine itself.
 
 mmcv's own names keep their meaning: ``SyncBN`` is ``torch.nn.SyncBatchNorm`` and ``LN`` is
 ``torch.nn.LayerNorm`` (syncsn's registry calls ``GroupNorm(1, C)`` LN; in mmengine configs
@@ -24,15 +31,20 @@ Registering also makes mmengine's ``convert_sync_batchnorm`` (the runner's ``syn
 option) keep syncsn's layers: syncsn's layers are ``_BatchNorm`` instances, and it would
 otherwise replace them, switchable ones included, by ``torch.nn.SyncBatchNorm``.
 
-Nothing happens when mmengine is not installed; :func:`register_mmengine` then raises.
+Nothing happens when mmengine is not installed (the hook never fires);
+:func:`register_mmengine` then raises.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import importlib.util
 import sys
 import warnings
+from collections.abc import Callable, Sequence
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 from typing import Any
 
 from torch import nn
@@ -67,9 +79,16 @@ _SCOPED_ONLY: dict[str, type[nn.Module]] = {"SyncBN": SyncBatchNorm}
 
 _MARK = "_syncsn_wraps"
 
+# Where mmengine defines its registries and its SyncBatchNorm converter.
+_REGISTRY_MODULE = "mmengine.registry"
+_CONVERTER_MODULE = "mmengine.model.utils"
+
 
 def register_mmengine(force: bool = False) -> None:
     """Register syncsn's layers into mmengine's ``MODELS`` (again: no effect).
+
+    Importing syncsn does this by itself (see the module's description); call it to
+    replace names that other packages registered (``force=True``).
 
     Args:
         force: replace names that another package registered for other classes (default:
@@ -88,16 +107,24 @@ def register_mmengine(force: bool = False) -> None:
         raise ImportError(
             "syncsn.integrations.register_mmengine needs mmengine (pip install mmengine)"
         )
-    from mmengine.registry import MODELS, Registry
+    import mmengine.registry
 
-    scoped = MODELS.children.get(SCOPE)
+    _register_names(mmengine.registry, force)
+    converters = sys.modules.get(_CONVERTER_MODULE)
+    if converters is not None:  # else the import hook wraps it when it is imported
+        _keep_layers_in_mmengine_converter(converters)
+
+
+def _register_names(registries: ModuleType, force: bool = False) -> None:
+    """Every name into ``registries.MODELS`` (mmengine.registry) and its ``syncsn`` child."""
+    models, registry_class = registries.MODELS, registries.Registry
+    scoped = models.children.get(SCOPE)
     if scoped is None:
-        scoped = Registry("model", parent=MODELS, scope=SCOPE)
+        scoped = registry_class("model", parent=models, scope=SCOPE)
     for name, cls in MMENGINE_NAMES.items():
-        _register(MODELS, name, cls, force)
+        _register(models, name, cls, force)
     for name, cls in {**MMENGINE_NAMES, **_SCOPED_ONLY}.items():
         _register(scoped, name, cls, force)
-    _keep_layers_in_mmengine_converter()
 
 
 def _register(registry: Any, name: str, cls: type, force: bool) -> None:
@@ -116,11 +143,9 @@ def _register(registry: Any, name: str, cls: type, force: bool) -> None:
     registry.register_module(name=name, module=cls, force=True)
 
 
-def _keep_layers_in_mmengine_converter() -> None:
-    """Wrap mmengine's convert_sync_batchnorm where it is defined and where it is imported."""
-    import mmengine.model
-    import mmengine.model.utils as utils
-
+def _keep_layers_in_mmengine_converter(utils: ModuleType) -> None:
+    """Wrap mmengine's convert_sync_batchnorm where it is defined (``utils``) and where it
+    has been imported by name."""
     original = utils.convert_sync_batchnorm
     if hasattr(original, _MARK):
         return
@@ -135,16 +160,102 @@ def _keep_layers_in_mmengine_converter() -> None:
 
     setattr(convert_sync_batchnorm, _MARK, original)
     # The original recurses through the module's global name, so it reaches this wrapper
-    # for the children too.
-    places: list[Any] = [utils, mmengine.model, sys.modules.get("mmengine.runner.runner")]
+    # for the children too. Wrapped as soon as utils is imported, the importers below
+    # (when they come later) import the wrapper.
+    places = [utils] + [
+        sys.modules.get(name)
+        for name in ("mmengine.model", "mmengine.runner.runner", "mmengine._strategy.distributed")
+    ]
     for place in places:
         if place is not None and getattr(place, "convert_sync_batchnorm", None) is original:
-            place.convert_sync_batchnorm = convert_sync_batchnorm
+            setattr(place, "convert_sync_batchnorm", convert_sync_batchnorm)  # noqa: B010
 
 
-def _installed() -> bool:
-    return importlib.util.find_spec("mmengine") is not None
+# --- registering when mmengine is imported after syncsn ------------------------------------
 
 
-if _installed():
-    register_mmengine()
+class _RunAfterExec(importlib.abc.Loader):
+    """Executes a module with its own loader, then calls ``then(module)``."""
+
+    def __init__(self, loader: Any, then: Callable[[ModuleType], None]) -> None:
+        self.loader, self.then = loader, then
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        # The module keeps its real loader (inspect, importlib.resources and reloads use it).
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        self.then(module)
+
+
+class _ImportHook(importlib.abc.MetaPathFinder):
+    """Calls an action right after one of the watched modules is imported.
+
+    It only finds the watched names, by asking the other finders of ``sys.meta_path``, and
+    wraps their loader; every other import passes through untouched.
+    """
+
+    def __init__(self, actions: dict[str, Callable[[ModuleType], None]]) -> None:
+        self.actions = actions
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        action = self.actions.get(fullname)
+        if action is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _RunAfterExec(spec.loader, _never_raises(action))
+        return spec
+
+
+def _never_raises(action: Callable[[ModuleType], None]) -> Callable[[ModuleType], None]:
+    """The action, its failure turned into a warning: it must not break mmengine's import."""
+
+    def run(module: ModuleType) -> None:
+        try:
+            action(module)
+        except Exception as error:  # noqa: BLE001 - an optional integration
+            warnings.warn(
+                f"syncsn: could not register the layers in mmengine ({type(error).__name__}: "
+                f"{error}); call syncsn.integrations.register_mmengine() to see why",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    return run
+
+
+def _install() -> None:
+    """Register now if mmengine's registries exist, else when they are imported."""
+    if not any(isinstance(finder, _ImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(
+            0,
+            _ImportHook(
+                {
+                    _REGISTRY_MODULE: _register_names,
+                    _CONVERTER_MODULE: _keep_layers_in_mmengine_converter,
+                }
+            ),
+        )
+    registries = sys.modules.get(_REGISTRY_MODULE)
+    if registries is not None:
+        _never_raises(_register_names)(registries)
+    converters = sys.modules.get(_CONVERTER_MODULE)
+    if converters is not None:
+        _never_raises(_keep_layers_in_mmengine_converter)(converters)
+
+
+_install()

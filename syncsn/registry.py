@@ -34,8 +34,6 @@ Keyword arguments go to the layer's constructor. Register more with :func:`regis
 
 from __future__ import annotations
 
-import sys
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,6 +41,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+# The layers' names in mmengine's registries too, now or as soon as mmengine is imported
+# (mmengine imports "syncsn.registry" by itself when a config names a type "syncsn.X").
+from . import integrations  # noqa: F401
 from . import sparse_switchnorm as ssn
 from .batchnorm import SyncBatchNorm
 from .convert import mark_dim, register_sync_twin
@@ -310,16 +311,3 @@ def _register_sparse() -> None:
 
 _register_builtin()
 _register_sparse()
-
-# mmengine imports "syncsn.registry" by itself when a config names a type "syncsn.X"; with
-# mmengine loaded, the layers are registered there as well (see syncsn.integrations).
-if "mmengine.registry" in sys.modules:
-    try:
-        from . import integrations  # noqa: F401  (registers on import)
-    except (ImportError, AttributeError, KeyError) as error:  # an optional integration
-        warnings.warn(
-            f"syncsn: could not register the layers in mmengine ({type(error).__name__}: "
-            f"{error}); import syncsn.integrations to see why",
-            RuntimeWarning,
-            stacklevel=2,
-        )

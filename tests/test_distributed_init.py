@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -427,4 +429,80 @@ def test_init_adopts_an_existing_group_and_checks_it(clean_env):
             init_distributed()
     finally:
         cleanup()
+    assert not dist.is_initialized()
+
+
+# ----------------------------------------------------------------------------------------
+# rendezvous: a port held by another service, a port nobody listens on
+# ----------------------------------------------------------------------------------------
+
+RENDEZVOUS_TIMEOUT = 1.0
+# The timeout, torch's last connection back-off and the grace after it, a slow machine.
+RENDEZVOUS_BOUND = 8.0
+
+
+def _rank_one_env(launcher: str, port: int) -> dict[str, str]:
+    if launcher == "torchrun":
+        return torchrun_env(
+            RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        )  # fmt: skip
+    return slurm_env(
+        SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="1", SLURM_NODEID="0",
+        SLURM_NNODES="1", SLURM_STEP_TASKS_PER_NODE="2", SLURM_TASKS_PER_NODE="2",
+        SLURM_JOB_NODELIST="localhost", SLURM_STEP_NODELIST="localhost",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+
+
+def _join_store_clients() -> None:
+    """The connecting threads end once the service they wait on closes its socket."""
+    for thread in threading.enumerate():
+        if thread.name == "syncsn-store-client":
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+@pytest.mark.timeout(30, method="thread")
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_a_port_held_by_another_service_fails_within_the_timeout(clean_env, launcher):
+    """torch's client waits forever for the handshake of a service that accepts the
+    connection and never answers; rank > 0 must give up after the timeout, naming the port."""
+    service = socket.socket()
+    service.bind(("127.0.0.1", 0))
+    service.listen(8)  # the kernel accepts connections; the service never answers
+    port = service.getsockname()[1]
+    for name, value in _rank_one_env(launcher, port).items():
+        clean_env.setenv(name, value)
+    start = time.monotonic()
+    try:
+        with pytest.raises(dist.DistNetworkError) as caught:
+            init_distributed(timeout=RENDEZVOUS_TIMEOUT)
+        elapsed = time.monotonic() - start
+    finally:
+        service.close()
+    _join_store_clients()
+    message = str(caught.value)
+    assert f"127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT)" in message
+    assert "does not answer as a torch.distributed store" in message
+    assert "free MASTER_PORT" in message
+    assert RENDEZVOUS_TIMEOUT <= elapsed < RENDEZVOUS_BOUND, elapsed
+    assert not dist.is_initialized()
+    assert sd._INFO is None
+
+
+@pytest.mark.timeout(30, method="thread")
+def test_a_port_nobody_listens_on_fails_within_the_timeout_naming_it(clean_env):
+    port = _free_port()
+    for name, value in _rank_one_env("torchrun", port).items():
+        clean_env.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(dist.DistNetworkError) as caught:
+        init_distributed(timeout=RENDEZVOUS_TIMEOUT)
+    elapsed = time.monotonic() - start
+    _join_store_clients()
+    message = str(caught.value)
+    assert f"127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT)" in message
+    assert "nothing accepts connections there: is rank 0 running" in message
+    assert elapsed < RENDEZVOUS_BOUND, elapsed
     assert not dist.is_initialized()

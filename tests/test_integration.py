@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import subprocess
 import sys
@@ -332,6 +333,89 @@ def test_scoped_names_need_no_import_of_syncsn() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["SyncSwitchNorm2d", "SparseSwitchNorm2d"]
+
+
+# Builds every name through mmcv's build_norm_layer and mmengine's MODELS.build, in a process
+# that imports the modules of argv[1] in that order first, and prints the classes' names.
+IMPORT_ORDER_PROBE = """
+import importlib, json, sys, warnings
+warnings.filterwarnings("error", message="syncsn")
+for name in sys.argv[1].split(","):
+    importlib.import_module(name)
+import mmcv.cnn, mmengine.model, mmengine.registry, torch, syncsn
+built = {}
+for name in json.loads(sys.argv[2]):
+    layer = mmcv.cnn.build_norm_layer(dict(type=name), 8)[1]
+    again = mmengine.registry.MODELS.build(dict(type=name, num_features=8))
+    built[name] = [type(layer).__qualname__, type(again).__qualname__]
+kept = mmengine.model.convert_sync_batchnorm(torch.nn.Sequential(syncsn.SwitchNorm2d(4)))
+print(json.dumps({
+    "built": built,
+    "converted": type(kept[0]).__qualname__,
+    "loader": type(mmengine.registry.__loader__).__qualname__,
+}))
+"""
+
+
+@pytest.mark.parametrize(
+    "order",
+    ["syncsn,mmcv.cnn", "mmcv.cnn,syncsn", "syncsn,mmengine.registry", "mmengine,syncsn"],
+)
+def test_names_build_whichever_is_imported_first(order: str) -> None:
+    """Plain and scoped names, in mmcv's and mmengine's builders, without custom_imports,
+    whether syncsn is imported before or after mmengine (a fresh interpreter each)."""
+    pytest.importorskip("mmcv.cnn")
+    from syncsn.integrations import MMENGINE_NAMES
+
+    expected = {name: cls.__qualname__ for name, cls in MMENGINE_NAMES.items()}
+    expected.update({f"syncsn.{name}": cls for name, cls in expected.items()})
+    expected["syncsn.SyncBN"] = syncsn.SyncBatchNorm.__qualname__
+    expected["SyncBN"] = nn.SyncBatchNorm.__qualname__  # mmcv's own name keeps its meaning
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_ORDER_PROBE, order, json.dumps(sorted(expected))],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["built"] == {name: [cls, cls] for name, cls in expected.items()}
+    # mmengine's SyncBatchNorm converter leaves syncsn's layers alone in this order too.
+    assert result["converted"] == "SwitchNorm2d"
+    # The import hook leaves mmengine's modules with their own loader.
+    assert result["loader"] == "SourceFileLoader"
+
+
+def test_import_hook_runs_its_action_once_the_module_is_executed(tmp_path, monkeypatch) -> None:
+    from syncsn.integrations import _ImportHook
+
+    (tmp_path / "syncsn_hooked_pkg").mkdir()
+    (tmp_path / "syncsn_hooked_pkg" / "__init__.py").write_text("VALUE = 1\n")
+    (tmp_path / "syncsn_hooked_pkg" / "child.py").write_text("VALUE = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen: list[tuple[str, int]] = []
+
+    def record(module: types.ModuleType) -> None:
+        seen.append((module.__name__, module.VALUE))
+
+    def fail(module: types.ModuleType) -> None:
+        raise KeyError("the registry changed")
+
+    hook = _ImportHook({"syncsn_hooked_pkg": record, "syncsn_hooked_pkg.child": fail})
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    for name in ("syncsn_hooked_pkg", "syncsn_hooked_pkg.child"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import syncsn_hooked_pkg  # type: ignore[import-not-found]
+
+    assert seen == [("syncsn_hooked_pkg", 1)]  # executed before the action ran
+    assert type(syncsn_hooked_pkg.__loader__).__name__ == "SourceFileLoader"
+    assert syncsn_hooked_pkg.__spec__.loader is syncsn_hooked_pkg.__loader__
+    # A failing action is a warning: the import itself succeeds.
+    with pytest.warns(RuntimeWarning, match=r"could not register .*KeyError.*registry changed"):
+        import syncsn_hooked_pkg.child  # type: ignore[import-not-found]
+    assert syncsn_hooked_pkg.child.VALUE == 2
+    assert seen == [("syncsn_hooked_pkg", 1)]
 
 
 def test_named_form_of_layer_norm(mm) -> None:

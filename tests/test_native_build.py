@@ -1,12 +1,14 @@
 """Building the CPU kernels: one short warning without a compiler, a failure remembered across
-processes, one process compiling while the others wait.
+processes, one process compiling while the others wait, builds keyed by their sources.
 
-torch's builder is replaced by fakes here (compiling takes a minute); test_native.py builds
-and tests the real kernels.
+torch's builder is replaced by fakes here (compiling the kernels takes a minute), except for
+checkouts of a one-file module that compiles in a second; test_native.py builds and tests the
+real kernels.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import types
@@ -98,7 +100,7 @@ def test_a_failed_build_is_remembered_until_its_inputs_change(
     # The compiler's error is the reason given, not ninja's closing line.
     assert "fatal error: planes.h: No such file or directory" in messages[0]
     assert "ninja: build stopped" not in messages[0]
-    log = build_dir / "build" / "syncsn_fake" / _native.BUILD_LOG
+    log = _loader(build_dir).build_directory() / _native.BUILD_LOG
     assert "planes.h" in log.read_text() and str(log) in messages[0]
     assert "compiling the native CPU kernels" in capfd.readouterr().err
 
@@ -160,3 +162,87 @@ def test_a_long_build_shows_progress(build_dir, monkeypatch, capfd, fake_import)
 def test_disabled_by_environment(monkeypatch) -> None:
     monkeypatch.setenv("SYNCSN_NATIVE", "0")
     assert _native.kernels() is None
+
+
+def test_a_build_loads_only_with_the_record_of_its_sources(build_dir, monkeypatch, fake_import):
+    build = FakeBuild(fail=False)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", build)
+    loader = _loader(build_dir)
+    directory = loader.build_directory()
+    # A library without the record (a build cut short, another program's file): rebuilt.
+    (directory / f"{loader.name}.so").write_text("built")
+    module, messages = _get(loader)
+    assert module is not None and messages == [] and build.calls == 1
+    assert (directory / _native.BUILT_FROM).read_text() == loader.digest
+    # A record of other sources: rebuilt.
+    (directory / _native.BUILT_FROM).write_text("0" * 64)
+    _get(_loader(build_dir))
+    assert build.calls == 2
+    # Its own record: loaded as it is.
+    module, _ = _get(_loader(build_dir))
+    assert module is not None and build.calls == 2
+
+
+# A module that only says which copy of the sources it was built from (MARKER).
+MARKER_SOURCE = """
+#include <Python.h>
+
+#define SYNCSN_CONCAT_(a, b) a##b
+#define SYNCSN_CONCAT(a, b) SYNCSN_CONCAT_(a, b)
+
+static struct PyModuleDef definition = {PyModuleDef_HEAD_INIT, "marker", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC SYNCSN_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  PyObject* module = PyModule_Create(&definition);
+  if (module != nullptr) PyModule_AddStringConstant(module, "marker", "MARKER");
+  return module;
+}
+"""
+
+
+def _checkout(root: Path, marker: str) -> Path:
+    source = root / "csrc" / "marker.cpp"
+    source.parent.mkdir(parents=True)
+    source.write_text(MARKER_SOURCE.replace("MARKER", marker))
+    return source
+
+
+@pytest.mark.timeout(240)
+def test_each_checkout_loads_the_build_of_its_own_sources(tmp_path, monkeypatch, capfd) -> None:
+    """Real builds (torch's builder and the import of the library), one per set of sources:
+    never a build of other sources, whatever the file times; a copy of the same sources
+    reuses the build."""
+    if _native.compiler() is None or _native._ninja() is None:
+        pytest.skip("no C++ compiler or ninja: nothing can be built here")
+    monkeypatch.setenv("SYNCSN_EXTENSION_DIR", str(tmp_path / "cache"))
+    builds: list[str] = []
+    real_load = torch.utils.cpp_extension.load
+
+    def counted_load(**kwargs: object) -> object:
+        builds.append(str(kwargs["name"]))
+        return real_load(**kwargs)
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", counted_load)
+
+    def marker(source: Path) -> str:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed build must not pass for a fallback
+            module = _native.Loader(sources=[source]).get()
+        assert module is not None
+        return module.marker
+
+    first = _checkout(tmp_path / "first", "first")
+    assert marker(first) == "first"
+    # Another checkout, its source changed but older than the first checkout's build.
+    other = _checkout(tmp_path / "other", "other")
+    long_ago = time.time() - 86400
+    os.utime(other, (long_ago, long_ago))
+    assert marker(other) == "other"
+    assert len(builds) == 2 and builds[0] != builds[1]
+    # A fresh clone of the first sources (files newer than any build): no compiling.
+    clone = _checkout(tmp_path / "clone", "first")
+    assert marker(clone) == "first"
+    # Both builds stay side by side: each checkout still loads its own.
+    assert marker(other) == "other" and marker(first) == "first"
+    assert len(builds) == 2
+    assert capfd.readouterr().err.count("compiling the native CPU kernels into") == 2

@@ -9,8 +9,10 @@
 * ``triton``: the Triton kernels, on CUDA tensors, or on CPU tensors under Triton's
   interpreter (``TRITON_INTERPRET=1``).
 
-``SYNCSN_NATIVE=0`` (older name) means ``torch``. A backend that does not cover a call (a
-layout it has no kernel for, an empty batch) hands that call to the reference backend.
+``SYNCSN_NATIVE=0`` (also ``false``, ``no``, ``off``; the older name) means ``torch`` where
+``SYNCSN_BACKEND`` is not set. The values of both are case-insensitive; any other value is an
+error at the first layer call. A backend that does not cover a call (a layout it has no
+kernel for, an empty batch) hands that call to the reference backend.
 
 The merge of the gathered statistics and the running-statistics update decide what every
 rank must agree on bitwise, so they are not chosen per call but per device type
@@ -26,7 +28,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from .. import _env
+from .. import _env, _native
 from .interface import Backend
 from .reference import ReferenceBackend
 
@@ -74,11 +76,15 @@ def requested() -> str:
 
 @functools.lru_cache(maxsize=16)
 def _parse_request(backend: str | None, native: str | None) -> str:
+    native_on = _native.parse_native(native)  # checked even where SYNCSN_BACKEND decides
     name = (backend or "").strip().lower()
     if not name:
-        return "torch" if (native or "1").strip() == "0" else "auto"
+        return "auto" if native_on else "torch"
     if name not in NAMES:
-        raise ValueError(f"SYNCSN_BACKEND must be one of {', '.join(NAMES)}, got {name!r}")
+        raise ValueError(
+            f"SYNCSN_BACKEND={backend!r} is not a backend: set it to one of "
+            f"{', '.join(NAMES)} (case-insensitive)"
+        )
     return name
 
 
