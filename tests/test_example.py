@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -145,6 +146,18 @@ def _worker_pid(agent_pid: int, rank: int) -> int:
         if f"RANK={rank}".encode() in environ:
             return pid
     raise AssertionError(f"no worker with RANK={rank} under pid {agent_pid}")
+
+
+def _dead_pid() -> int:
+    """The pid of a process of this host that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _partial_name(name: str, pid: int, host: str | None = None) -> str:
+    """The name of a temporary file of ``name`` that process ``pid`` on ``host`` wrote."""
+    return f".{name}.syncsn-tmp.{host or socket.gethostname()}.{pid}.0123abcd"
 
 
 def _rows(out: Path) -> list[dict]:
@@ -518,15 +531,13 @@ def test_atomic_save_keeps_the_previous_file_and_removes_partial_ones(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint.pth.prev"]
 
     # What a save killed with SIGKILL leaves behind goes; other files stay.
-    for name in ("checkpoint.pth.tmp.4242", "checkpoint.pth.prev.tmp.17", "metrics.jsonl.tmp.9"):
+    dead = _dead_pid()
+    partial = [_partial_name(name, dead) for name in ("checkpoint.pth", "metrics.jsonl")]
+    for name in partial:
         (tmp_path / name).write_bytes(b"partial")
     (tmp_path / "notes.tmp.txt").write_text("mine")
     names = ("checkpoint.pth", "checkpoint.pth.prev", "metrics.jsonl")
-    assert utils.remove_partial_files(str(tmp_path), names) == [
-        "checkpoint.pth.prev.tmp.17",
-        "checkpoint.pth.tmp.4242",
-        "metrics.jsonl.tmp.9",
-    ]
+    assert utils.remove_partial_files(str(tmp_path), names) == (sorted(partial), [])
     assert sorted(os.listdir(tmp_path)) == [
         "checkpoint.pth",
         "checkpoint.pth.prev",
@@ -649,7 +660,10 @@ def train_here(monkeypatch):
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    """The files of a run directory, without the lock file (each run rewrites it)."""
+    return {
+        p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != utils.LOCK_FILE
+    }
 
 
 @pytest.mark.timeout(120)
@@ -726,13 +740,14 @@ def test_a_damaged_checkpoint_stops_the_resume_and_the_previous_one_continues(
 
     # Continue from the previous checkpoint; the next run also removes what a killed
     # save left behind.
-    (out / "checkpoint.pth.tmp.4242").write_bytes(damaged[:1000])
+    partial = _partial_name("checkpoint.pth", _dead_pid())
+    (out / partial).write_bytes(damaged[:1000])
     capsys.readouterr()
     assert train_here(out, "--epochs", "3", "--resume", str(previous)) == 0
     log = capsys.readouterr().out
     assert "continuing at epoch 1\n" in log
-    assert "removed 1 partial file(s) of an interrupted save: checkpoint.pth.tmp.4242" in log
-    assert not list(out.glob("*.tmp.*"))
+    assert f"removed 1 partial file(s) of an interrupted save: {partial}" in log
+    assert not list(out.glob(".*syncsn-tmp*"))
     # Nothing the earlier runs wrote is lost: the damaged file and the metrics of the
     # epoch trained again are set aside.
     (aside,) = (out / "set-aside").iterdir()
@@ -901,7 +916,7 @@ def test_training_writes_metrics_and_a_checkpoint(run):
     assert {"model", "optimizer", "lr_scheduler", "scaler"} <= set(ckpt)
     assert isinstance(ckpt["args"], dict) and ckpt["args"]["norm"] == "syncsn"
     assert not any(k.startswith("module.") for k in ckpt["model"])
-    assert not [p for p in run["listing2"] if ".tmp" in p]
+    assert not [p for p in run["listing2"] if "syncsn-tmp" in p]
     files = run["files2"]
     for name in ("curves.png", "switch_weights.png"):
         assert Image.open(io.BytesIO(files[name])).size[0] > 100, name

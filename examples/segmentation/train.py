@@ -9,7 +9,9 @@ Defaults that depend on the dataset (image size, backbone, epochs, ...) come fro
 any flag given on the command line wins. Outputs go to --output-dir: checkpoint.pth (and
 checkpoint.pth.prev, the one before), metrics.jsonl, curves.png and, for the Switchable
 Normalization family, switch_weights.txt / switch_weights.png. A run that starts over in a
-directory holding another run moves that run to <output-dir>/set-aside/ first.
+directory holding another run moves that run to <output-dir>/set-aside/ first. One run at a
+time uses a directory: rank 0 holds a lock on <output-dir>/run.lock while it runs, and a
+second run started there stops at once, naming the first.
 
 The layout follows torchvision's reference scripts: get_args_parser / resolve_args, the
 builders, the checkpoint helpers, train_one_epoch, evaluate and main.
@@ -18,6 +20,7 @@ builders, the checkpoint helpers, train_one_epoch, evaluate and main.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import math
@@ -37,13 +40,16 @@ from metrics import ConfusionMatrix, ShardSampler
 from model import BACKBONES, DeepLabV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from utils import (
     CheckpointError,
+    DirectoryInUse,
+    DirectoryLock,
     Progress,
     ResumableSampler,
     StopRequest,
     atomic_save,
+    describe_holder,
     ignore_stop_signals,
     load_checkpoint,
     lr_factor,
@@ -54,6 +60,7 @@ from utils import (
     remove_partial_files,
     with_integrity,
     write_jsonl,
+    write_text,
 )
 
 import syncsn
@@ -206,7 +213,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16+GradScaler on CUDA)")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--output-dir", default="runs/segmentation")
+    p.add_argument(
+        "--output-dir", default="runs/segmentation", help="this run's directory (one run at a time)"
+    )
     p.add_argument(
         "--resume",
         default="auto",
@@ -330,6 +339,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     check_batch(args, world_size=None)  # main() checks again once the world size is known
     if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
         raise SystemExit(f"--resume {args.resume!r}: no such checkpoint file")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise SystemExit(
+            f"--output-dir {args.output_dir} is a file, not a directory: pass another "
+            "--output-dir (the file is left as it is)"
+        )
     return args
 
 
@@ -358,12 +372,7 @@ def build_data(args: argparse.Namespace, rank: int, world: int, device: torch.de
         args.dataset, "train", num_samples=args.num_train, **common
     )
     val_set, _ = build_dataset(args.dataset, "val", num_samples=args.num_val, **common)
-    train_sampler = ResumableSampler(
-        DistributedSampler(
-            train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
-        ),
-        args.batch_size,
-    )
+    train_sampler = ResumableSampler(len(train_set), rank, world, args.batch_size, args.seed)
     loader_kw = dict(
         num_workers=args.workers,
         pin_memory=device.type == "cuda",
@@ -377,7 +386,7 @@ def build_data(args: argparse.Namespace, rank: int, world: int, device: torch.de
     val_loader = DataLoader(
         val_set, batch_size=val_batch, sampler=ShardSampler(len(val_set), rank, world), **loader_kw
     )
-    steps_per_epoch = len(train_set) // world // args.batch_size
+    steps_per_epoch = len(train_set) // (world * args.batch_size)
     if steps_per_epoch == 0 and not args.test_only:
         raise SystemExit(
             f"{len(train_set)} training images cannot fill one step of {args.batch_size} "
@@ -442,10 +451,26 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 @dataclass
 class EpochTotals:
     """Sums over the steps done so far in the current epoch; a mid-epoch checkpoint keeps
-    them (as ``partial``) so that the resumed epoch reports the whole epoch."""
+    them (as ``partial``) so that the resumed epoch reports the whole epoch.
+
+    ``images`` is also the position in the epoch: the samples of the epoch's global order
+    trained so far (see ResumableSampler), which means the same at any world size and
+    batch size. ``loss_sum`` weighs each step's mean loss by its images, so that
+    ``loss_sum / images`` is the epoch's mean even when its steps differ in size (an epoch
+    resumed with another world size or batch size).
+    """
 
     loss_sum: float = 0.0
+    images: int = 0
     train_time: float = 0.0
+
+    def add_step(self, mean_loss: float, images: int) -> None:
+        self.loss_sum += mean_loss * images
+        self.images += images
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.images
 
 
 def resume_path(args: argparse.Namespace) -> str | None:
@@ -488,6 +513,91 @@ def load_resume_checkpoint(path: str, args: argparse.Namespace) -> dict:
     return ckpt
 
 
+def resumed_totals(
+    ckpt: dict, path: str, args: argparse.Namespace, train_images: int
+) -> EpochTotals:
+    """The totals, and so the position, of the epoch a checkpoint stopped in (zeros for an
+    end-of-epoch checkpoint). A position counts samples of the epoch's global order, valid
+    at any world size and batch size; it stops the run when that order is another one."""
+    if ckpt["step"] == 0:
+        return EpochTotals()
+    partial = dict(ckpt.get("partial") or {})
+    saved_args, epoch = ckpt["args"], ckpt["epoch"] + 1
+    if "images" not in partial:
+        # Written before positions were counted in samples: its world size is unknown.
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        global_batch = saved_args["batch_size"] * world
+        warn(
+            f"checkpoint {path} stopped epoch {epoch} after {ckpt['step']} steps but does not "
+            f"say on how many processes: taken as {world} (this run's) x {saved_args['batch_size']}"
+            " images per step. If it ran on another number of processes, resume it with that "
+            "number, or start the epoch over from the checkpoint written at its start"
+        )
+        partial["loss_sum"] = partial.get("loss_sum", 0.0) * global_batch
+        partial["images"] = ckpt["step"] * global_batch
+    order = (ckpt.get("train_images"), saved_args.get("seed"))
+    if order != (train_images, args.seed):
+        raise SystemExit(
+            f"checkpoint {path} stopped epoch {epoch} after {partial['images']} images of the "
+            f"order drawn for {order[0]} training images and --seed {order[1]}; this run has "
+            f"{train_images} training images and --seed {args.seed}, so that position would "
+            f"repeat some images and skip others. Resume with --seed {order[1]} and the same "
+            "training set (--num-train), or start the epoch over from an end-of-epoch "
+            "checkpoint (checkpoint.pth.prev, if it is one)"
+        )
+    return EpochTotals(**partial)
+
+
+def resume_description(
+    ckpt: dict, totals: EpochTotals, args: argparse.Namespace, world: int
+) -> str:
+    """Where a resumed run starts: ``epoch 3, step 7``, or with another world size or batch
+    size ``epoch 3 after 28 of its images (trained 2 x 2 per step; now 1 x 4)``."""
+    where = f"epoch {ckpt['epoch'] + 1}"
+    if not totals.images:
+        return where
+    saved = (ckpt.get("world_size", world), ckpt["args"]["batch_size"])
+    if saved == (world, args.batch_size):
+        return f"{where}, step {ckpt['step']}"
+    return (
+        f"{where} after {totals.images} of its images (trained {saved[0]} x {saved[1]} per step; "
+        f"now {world} x {args.batch_size})"
+    )
+
+
+def _covers(start_epoch: int, args: argparse.Namespace) -> str:
+    return (
+        f"already covers {start_epoch} epoch(s) of --epochs {args.epochs}: nothing to train "
+        "(raise --epochs; or start over with another --output-dir, or with --resume none, which "
+        "moves this run to its set-aside/ folder)"
+    )
+
+
+def check_epochs_left(path: str, start_epoch: int, args: argparse.Namespace) -> None:
+    """Stops, before anything in --output-dir moves, when ``--resume PATH`` names a
+    checkpoint with nothing left to train (``--resume auto`` in a finished run is a no-op)."""
+    if args.resume != "auto" and start_epoch >= args.epochs:
+        raise SystemExit(f"--resume {path} {_covers(start_epoch, args)}; nothing was moved")
+
+
+def move_schedules(
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR,
+    radius: syncsn.RadiusSchedule | None,
+    step: int,
+) -> None:
+    """Puts the learning-rate (and SSN radius) schedules at ``step``: a checkpoint written
+    with another world size or batch size counted its steps in other units."""
+    if lr_scheduler.last_epoch != step:
+        lr_scheduler.last_epoch = step
+        groups = lr_scheduler.optimizer.param_groups
+        for group, base, factor in zip(
+            groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(step)
+    if radius is not None and radius.last_step != step:
+        radius.load_state_dict({"last_step": step, "total_steps": radius.total_steps})
+
+
 def check_compatible(saved: dict, args: argparse.Namespace, path: str) -> None:
     diff = [
         f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
@@ -511,6 +621,86 @@ def _continues_run(path: str | None, output_dir: str) -> bool:
     )
 
 
+# flock's errors on a filesystem without locks (NFS without a lock daemon, Lustre without
+# -o flock).
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def claim_output_dir(output_dir: str, device: torch.device) -> DirectoryLock | None:
+    """Makes ``output_dir`` this run's: rank 0 creates it and takes its lock (held until
+    the run ends or the process dies) and every rank learns whether it could, so that when
+    another run holds the directory, or it cannot be written, all ranks stop at once.
+    Returns the lock on rank 0, None elsewhere."""
+    lock, problem = None, ""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock = DirectoryLock(output_dir)
+            lock.acquire()
+        except DirectoryInUse as e:
+            lock, problem = None, _in_use(output_dir, e.holder)
+        except OSError as e:
+            lock = None
+            if e.errno in _NO_LOCKS:
+                warn(
+                    f"cannot lock {e.filename}: {e.strerror}. The filesystem of --output-dir has "
+                    "no file locks (Lustre: mount it with -o flock), so a second run started "
+                    "in this directory would not be stopped; this one goes on"
+                )
+            else:
+                problem = output_error(e, output_dir) or f"--output-dir {output_dir}: {e}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        refused = torch.tensor([float(bool(problem))], device=device)
+        dist.broadcast(refused, 0)
+        if dist.get_rank() != 0 and refused.item():
+            raise SystemExit(f"rank {dist.get_rank()}: stopped, rank 0 could not take {output_dir}")
+    if problem:
+        raise SystemExit(problem)
+    return lock
+
+
+def _in_use(output_dir: str, holder: dict) -> str:
+    checkpoint = os.path.join(output_dir, CHECKPOINT)
+    return (
+        f"--output-dir {output_dir} is in use by another run, {describe_holder(holder)}. Wait "
+        "for it to end or stop it, or pass another --output-dir (to evaluate its checkpoint "
+        f"meanwhile: --test-only --resume {checkpoint} --output-dir OTHER)"
+    )
+
+
+def output_error(e: OSError, output_dir: str) -> str | None:
+    """One line for an OSError on a file of --output-dir (disk full, read-only, not a
+    directory): the path, the cause and what to do. None for errors elsewhere."""
+    path = e.filename
+    if path is None:
+        return None
+    inside = os.path.realpath(path) + os.sep
+    if not inside.startswith(os.path.realpath(output_dir) + os.sep):
+        return None
+    cause = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space there or pass another --output-dir"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make it writable or pass another --output-dir"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+        fix = "a file stands where a directory is needed: pass another --output-dir"
+    else:
+        fix = "check that --output-dir can be written, or pass another"
+    return (
+        f"cannot write {path}: {cause} ({errno.errorcode.get(e.errno, e.errno)}); {fix}. "
+        "Nothing already written there is lost"
+    )
+
+
+def write_eval(output_dir: str, result: dict) -> None:
+    """Rank 0: eval.json of a --test-only run; an earlier one is moved aside first."""
+    path = os.path.join(output_dir, "eval.json")
+    if os.path.exists(path):
+        where = move_aside(output_dir, ["eval.json"])
+        log(f"moved the earlier eval.json to {where}")
+    write_text(path, json.dumps(result) + "\n")
+
+
 def prepare_output_dir(output_dir: str, resumed_from: str | None, start_epoch: int) -> None:
     """Rank 0, before training: removes the partial files of a killed save and makes room
     for this run without losing anything an earlier one wrote.
@@ -520,9 +710,14 @@ def prepare_output_dir(output_dir: str, resumed_from: str | None, start_epoch: i
     ``set-aside/<time>/``; so do the files that continuing from an older checkpoint would
     replace (the newer checkpoint, metrics of the epochs that will be trained again).
     """
-    removed = remove_partial_files(output_dir, RUN_FILES)
+    removed, left = remove_partial_files(output_dir, RUN_FILES)
     if removed:
         log(f"removed {len(removed)} partial file(s) of an interrupted save: {', '.join(removed)}")
+    if left:
+        warn(
+            f"left {', '.join(left)} in {output_dir}: partial file(s) of a save by a process "
+            "that is alive or on another host; remove them once no run writes there"
+        )
     metrics_path = os.path.join(output_dir, METRICS)
     if _continues_run(resumed_from, output_dir):
         rows = read_jsonl(metrics_path)
@@ -557,13 +752,15 @@ def save_checkpoint(
     epoch: int,
     step: int,
     totals: EpochTotals,
+    train_images: int,
     args: argparse.Namespace,
 ) -> None:
     """Rank 0 writes the training state with its checksum; the file it replaces is kept
     as ``checkpoint.pth.prev``.
 
     epoch: the last completed epoch (-1 for none); step: the steps already done in the
-    next one (0 at an epoch's end).
+    next one (0 at an epoch's end); totals: that epoch's so far, with the position in it;
+    train_images: the size of the training set, whose sample order the position counts in.
     """
     if dist.is_initialized() and dist.get_rank() != 0:
         return
@@ -576,6 +773,8 @@ def save_checkpoint(
         "epoch": epoch,
         "step": step,
         "partial": asdict(totals),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "train_images": train_images,
         "args": vars(args),
     }
     previous = os.path.join(os.path.dirname(path), PREVIOUS_CHECKPOINT)
@@ -623,20 +822,22 @@ def train_one_epoch(
     epoch: int,
     args: argparse.Namespace,
     stop: StopRequest,
-    first_step: int = 0,
     totals: EpochTotals | None = None,
 ) -> tuple[int, bool, EpochTotals]:
-    """Trains ``epoch`` from step ``first_step`` (a resumed epoch skips the batches done).
+    """Trains ``epoch``; a resumed one from the position in ``totals`` (the images of the
+    epoch's order trained before), whatever world size and batch size trained those.
 
-    Returns (steps done in the epoch, whether the ranks stopped early on a signal, the
-    epoch's totals including those of ``totals``, the steps before ``first_step``).
+    Returns (steps done in the epoch, counted in this run's steps; whether the ranks stopped
+    early on a signal; the epoch's totals including those of ``totals``).
     """
     model.train()
-    data.train_sampler.set_epoch(epoch, skip_batches=first_step)
     totals = EpochTotals(**asdict(totals)) if totals is not None else EpochTotals()
+    data.train_sampler.set_epoch(epoch, start=totals.images)
+    step_images = args.batch_size * (dist.get_world_size() if dist.is_initialized() else 1)
+    first_step = totals.images // step_images
     progress = Progress(
         f"epoch {epoch}/{args.epochs - 1}",
-        data.steps_per_epoch,
+        first_step + data.train_sampler.steps,
         first_step,
         (args.epochs - 1 - epoch) * data.steps_per_epoch,
         args.print_freq,
@@ -664,7 +865,7 @@ def train_one_epoch(
             raise FloatingPointError(
                 f"non-finite training loss at epoch {epoch}, step {step}: lower --lr"
             )
-        totals.loss_sum += mean_loss
+        totals.add_step(mean_loss, step_images)
         progress.update(loss=mean_loss, lr=optimizer.param_groups[0]["lr"])
         if stopped:
             break
@@ -706,21 +907,35 @@ def record_epoch(output_dir: str, row: dict, model: nn.Module, draw: bool) -> No
         plot_curves(rows, os.path.join(output_dir, "curves.png"))
     weights = syncsn.switch_weights(model)
     if weights:
-        with open(os.path.join(output_dir, "switch_weights.txt"), "w") as f:
-            f.write(syncsn.format_switch_weights(weights) + "\n")
+        text = syncsn.format_switch_weights(weights) + "\n"
+        write_text(os.path.join(output_dir, "switch_weights.txt"), text)
         if draw:
             plot_switch_weights(weights, os.path.join(output_dir, "switch_weights.png"))
 
 
 def main(args: argparse.Namespace) -> int:
-    t_start = time.perf_counter()
     info = init_distributed(backend=args.dist_backend, timeout=timedelta(seconds=args.dist_timeout))
+    check_batch(args, info.world_size)
+    lock = claim_output_dir(args.output_dir, info.device)
+    try:
+        return run(args, info)
+    except OSError as e:
+        message = output_error(e, args.output_dir)
+        if message is None:
+            raise
+        raise SystemExit(message) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(args: argparse.Namespace, info: syncsn.distributed.DistInfo) -> int:
+    """The run itself, once this process's rank 0 holds the output directory."""
+    t_start = time.perf_counter()
     device, rank, world = info.device, info.rank, info.world_size
-    check_batch(args, world)
     draw = check_dependencies(args)
     stop = StopRequest()
 
-    os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT)
     log(f"syncsn segmentation: {world} process(es), device {device}, args {vars(args)}")
 
@@ -748,7 +963,7 @@ def main(args: argparse.Namespace) -> int:
     )
 
     # ---- resume
-    start_epoch, start_step, totals = 0, 0, EpochTotals()
+    start_epoch, totals = 0, EpochTotals()
     path = resume_path(args)
     if args.test_only and path is None:
         raise SystemExit(
@@ -764,10 +979,17 @@ def main(args: argparse.Namespace) -> int:
             if radius is not None and ckpt.get("radius_schedule") is not None:
                 # Like the learning rate, the radius follows the current --epochs.
                 radius.load_state_dict({**ckpt["radius_schedule"], "total_steps": total_steps})
-        start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
-        totals = EpochTotals(**ckpt.get("partial") or {})
-        where = f"epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
-        log(f"resumed from {path}: continuing at {where}")
+        start_epoch = ckpt["epoch"] + 1
+        if not args.test_only:
+            check_epochs_left(path, start_epoch, args)
+            totals = resumed_totals(ckpt, path, args, len(data.train_set))
+            # The schedules count this run's steps: as if every epoch had been run with
+            # this world size and batch size (no change where they are the checkpoint's).
+            schedule_step = start_epoch * steps_per_epoch + totals.images // (
+                args.batch_size * world
+            )
+            move_schedules(lr_scheduler, radius, schedule_step)
+        log(f"resumed from {path}: continuing at {resume_description(ckpt, totals, args, world)}")
     if info.is_main and not args.test_only:
         prepare_output_dir(args.output_dir, path, start_epoch)
 
@@ -789,15 +1011,10 @@ def main(args: argparse.Namespace) -> int:
             f"over {result['num_images']} images"
         )
         if info.is_main:
-            with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
-                json.dump(result, f)
+            write_eval(args.output_dir, result)
         return 0
-    if start_epoch >= args.epochs:
-        log(
-            f"{path} already covers {start_epoch} epoch(s) of --epochs {args.epochs}: nothing to "
-            "train (raise --epochs; or start over with another --output-dir, or with --resume "
-            "none, which moves this run to its set-aside/ folder)"
-        )
+    if start_epoch >= args.epochs:  # --resume auto in a finished run: nothing moved
+        log(f"{path} {_covers(start_epoch, args)}")
         return 0
 
     # Different augmentation on each rank, reproducible per (seed, rank, epoch).
@@ -810,8 +1027,8 @@ def main(args: argparse.Namespace) -> int:
         radius=radius,
         args=args,
     )
+    train_images = len(data.train_set)
     for epoch in range(start_epoch, args.epochs):
-        first_step = start_step if epoch == start_epoch else 0
         step, stopped, totals = train_one_epoch(
             model,
             optimizer,
@@ -823,11 +1040,17 @@ def main(args: argparse.Namespace) -> int:
             epoch,
             args,
             stop,
-            first_step,
-            totals if first_step else None,
+            totals if epoch == start_epoch else None,
         )
         if stopped:
-            save_checkpoint(ckpt_path, epoch=epoch - 1, step=step, totals=totals, **training)
+            save_checkpoint(
+                ckpt_path,
+                epoch=epoch - 1,
+                step=step,
+                totals=totals,
+                train_images=train_images,
+                **training,
+            )
             if dist.is_initialized():
                 dist.barrier()  # nobody exits before the checkpoint is on disk
             log(f"stopped at epoch {epoch}, step {step}: checkpoint written to {ckpt_path}")
@@ -839,11 +1062,11 @@ def main(args: argparse.Namespace) -> int:
         eval_time = time.perf_counter() - t_eval
         row = {
             "epoch": epoch,
-            "train_loss": totals.loss_sum / steps_per_epoch,
+            "train_loss": totals.mean_loss,
             "miou": result["miou"],
             "pixel_acc": result["pixel_acc"],
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_sec": steps_per_epoch * args.batch_size * world / totals.train_time,
+            "images_per_sec": totals.images / totals.train_time,
             "iou": result["iou"],
             "val_images": result["num_images"],
             "val_pixels": result["num_pixels"],
@@ -851,7 +1074,14 @@ def main(args: argparse.Namespace) -> int:
         }
         if info.is_main:
             record_epoch(args.output_dir, row, model_without_ddp, draw)
-        save_checkpoint(ckpt_path, epoch=epoch, step=0, totals=EpochTotals(), **training)
+        save_checkpoint(
+            ckpt_path,
+            epoch=epoch,
+            step=0,
+            totals=EpochTotals(),
+            train_images=train_images,
+            **training,
+        )
         log(
             f"epoch {epoch}: train loss {row['train_loss']:.4f}  val mIoU {row['miou']:.4f}  "
             f"pixel acc {row['pixel_acc']:.4f}  lr {row['lr']:.2e}  "

@@ -3,21 +3,25 @@ atomic and checksummed checkpoints, preemption signals, the progress display and
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import itertools
 import json
 import os
+import re
+import secrets
+import shlex
 import shutil
 import signal
+import socket
 import struct
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import torch
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Sampler
 
 # --------------------------------------------------------------------------------------
 # Schedule
@@ -37,21 +41,60 @@ def lr_factor(
 
 
 class ResumableSampler(Sampler[int]):
-    """Wraps a DistributedSampler so that an epoch interrupted after ``skip`` batches can be
-    resumed where it stopped: same permutation (``set_epoch``), first batches skipped."""
+    """The training samples of one rank, epoch by epoch, resumable at any point of an
+    epoch at any world size and batch size.
 
-    def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
-        self.sampler, self.batch_size, self.skip = sampler, batch_size, 0
+    Each epoch has one global order: the permutation of the dataset drawn from
+    ``seed + epoch`` (DistributedSampler's, whatever the world size). A step trains its next
+    ``world_size * batch_size`` samples, rank ``r`` taking the ``r``-th, ``(r + world_size)``-th,
+    ... of them, so the samples trained after any number of steps are a prefix of that order:
+    their count is a position in the epoch that means the same at every world size and batch
+    size. ``set_epoch(epoch, start)`` resumes after ``start`` samples. Only whole steps are
+    trained: the tail of the order that does not fill one (fewer than
+    ``world_size * batch_size`` samples) is left out of the epoch, as
+    ``DataLoader(drop_last=True)`` leaves it out of every epoch.
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.sampler.set_epoch(epoch)
-        self.skip = skip_batches * self.batch_size
+    Example: 8 samples; 2 ranks of 2 images stopped after one step (4 samples), resumed on
+    1 rank::
+
+        >>> s = ResumableSampler(8, rank=0, world_size=1, batch_size=2, seed=0)
+        >>> s.set_epoch(0, start=4)
+        >>> len(s), s.steps  # the last 4 samples of epoch 0's order, in 2 steps
+        (4, 2)
+    """
+
+    def __init__(
+        self, num_samples: int, rank: int, world_size: int, batch_size: int, seed: int
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.batch_size, self.seed = batch_size, seed
+        self.epoch, self.start = 0, 0
+
+    def order(self, epoch: int) -> list[int]:
+        """The global order of ``epoch``: the same list on every rank and world size."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate ``epoch`` from sample ``start`` of its order (0: the whole epoch)."""
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start must be in [0, {self.num_samples}], got {start}")
+        self.epoch, self.start = epoch, start
+
+    @property
+    def steps(self) -> int:
+        """Steps left in the epoch from ``start``: the same on every rank."""
+        return (self.num_samples - self.start) // (self.world_size * self.batch_size)
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.skip, None)
+        end = self.start + self.steps * self.world_size * self.batch_size
+        return iter(self.order(self.epoch)[self.start + self.rank : end : self.world_size])
 
     def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
+        return self.steps * self.batch_size
 
 
 # --------------------------------------------------------------------------------------
@@ -59,38 +102,87 @@ class ResumableSampler(Sampler[int]):
 # --------------------------------------------------------------------------------------
 
 
-def atomic_save(obj: Any, path: str, previous: str | None = None) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then os.replace: a
-    crash at any point leaves either the previous file or the new one, never a torn one.
+# Temporary files are hidden, carry this marker and name their writer (host and pid) and a
+# random token: ``.<name>.syncsn-tmp.<host>.<pid>.<token>``. No user file looks like that,
+# and the writer can be checked dead before its leftovers are removed.
+_TMP_MARKER = ".syncsn-tmp."
+_TMP_NAME = re.compile(
+    r"^\.(?P<name>.+?)" + re.escape(_TMP_MARKER) + r"(?P<host>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}$"
+)
+
+
+def temporary_path(path: str) -> str:
+    """A fresh temporary name next to ``path`` that only this process uses."""
+    directory, name = os.path.split(path)
+    tmp = f".{name}{_TMP_MARKER}{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+    return os.path.join(directory, tmp)
+
+
+def _name_the_file(error: OSError, path: str) -> OSError:
+    """The error of a write to a temporary file, reported for the file it was to become
+    (a write that fails on a file object, such as ENOSPC, carries no file name at all)."""
+    if error.strerror is None:  # raised with a message only: keep it
+        return OSError(error.errno, str(error), path)
+    error.filename = path
+    return error
+
+
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """The OSError that ``error`` was raised while handling, if any: torch.save reports a
+    failed write (a full disk) as a RuntimeError of its zip writer raised on top of it."""
+    seen = error.__context__
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__context__
+    return seen
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], Any], previous: str | None = None) -> None:
+    """Calls ``write(f)`` on a temporary file in the same directory, fsyncs it, then
+    renames it to ``path``: a crash or a full disk at any point leaves either the previous
+    file or the new one, never a torn one. An OSError names ``path``.
 
     previous: where to keep the file that ``path`` held until now (a hard link, or a copy
     where the filesystem has none), so that one damaged checkpoint never leaves a run with
     nothing to resume from. ``path`` exists, old or new, at every moment.
     """
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = temporary_path(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, "xb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if previous is not None and os.path.exists(path):
             _replace_with_link(path, previous)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _name_the_file(e, path) from None
+    except RuntimeError as e:
+        cause = _os_error_behind(e)
+        if cause is None:
+            raise
+        raise _name_the_file(cause, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def atomic_save(obj: Any, path: str, previous: str | None = None) -> None:
+    """torch.save through :func:`atomic_write` (``previous``: see there)."""
+    atomic_write(path, lambda f: torch.save(obj, f), previous)
+
+
 def _replace_with_link(src: str, dst: str) -> None:
     """Makes ``dst`` a second name of ``src``'s contents, replacing ``dst`` atomically."""
-    tmp = f"{dst}.tmp.{os.getpid()}"
+    tmp = temporary_path(dst)
     try:
         try:
             os.link(src, tmp)
         except OSError:  # no hard links here (some network or FAT filesystems)
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+    except OSError as e:
+        raise _name_the_file(e, dst) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -104,16 +196,35 @@ def _fsync_dir(directory: str) -> None:
         os.close(dir_fd)
 
 
-def remove_partial_files(directory: str, names: Sequence[str]) -> list[str]:
-    """Deletes the ``<name>.tmp.<pid>`` files that a killed :func:`atomic_save` or
-    :func:`write_jsonl` left behind (they are never complete); returns their names."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_partial_files(directory: str, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Deletes the temporary files of ``names`` that a killed writer of this program left
+    in ``directory`` (they are never complete): those written on this host by a process
+    that no longer exists. Returns (names removed, names left: their writer is alive or on
+    another host). Nothing else is touched, whatever its name."""
     if not os.path.isdir(directory):
-        return []
-    prefixes = tuple(f"{name}.tmp." for name in names)
-    removed = sorted(e for e in os.listdir(directory) if e.startswith(prefixes))
-    for entry in removed:
-        os.remove(os.path.join(directory, entry))
-    return removed
+        return [], []
+    host = socket.gethostname()
+    removed, left = [], []
+    for entry in sorted(os.listdir(directory)):
+        match = _TMP_NAME.match(entry)
+        if match is None or match["name"] not in names:
+            continue
+        if match["host"] == host and not _pid_alive(int(match["pid"])):
+            os.remove(os.path.join(directory, entry))
+            removed.append(entry)
+        else:
+            left.append(entry)
+    return removed, left
 
 
 def move_aside(directory: str, names: Sequence[str]) -> str:
@@ -146,16 +257,125 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def write_jsonl(path: str, rows: Sequence[Mapping]) -> None:
-    """Writes ``rows`` as JSON lines through a temporary file and os.replace."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """Writes ``rows`` as JSON lines through :func:`atomic_write`."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# --------------------------------------------------------------------------------------
+# One run per directory
+# --------------------------------------------------------------------------------------
+
+#: Lock file of a run directory; it stays after the run (removing it would race with a run
+#: starting at that moment) and names the last run that held it.
+LOCK_FILE = "run.lock"
+# Lock descriptors held by this process: a forked child (a DataLoader worker) closes its
+# copies, so that the lock goes with this process and not with its slowest child.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+class DirectoryInUse(Exception):
+    """Another process holds the lock of a run directory. ``holder`` is what that process
+    wrote into the lock file (pid, host, started, command, ...), {} if it has not yet."""
+
+    def __init__(self, directory: str, holder: Mapping[str, Any]) -> None:
+        self.directory, self.holder = directory, dict(holder)
+        super().__init__(f"{directory} is in use by {describe_holder(self.holder)}")
+
+
+def describe_holder(holder: Mapping[str, Any]) -> str:
+    """``pid 12 on host h (started ..., torchrun agent pid 11, Slurm job 5): python ...``."""
+    if not holder:
+        return "a run that is starting (it has not written its details yet)"
+    extra = [f"started {holder.get('started', '?')}"]
+    if holder.get("launcher_pid"):
+        extra.append(f"torchrun agent pid {holder['launcher_pid']}")
+    if holder.get("slurm_job"):
+        extra.append(f"Slurm job {holder['slurm_job']}")
+    return (
+        f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} ({', '.join(extra)}): "
+        f"{holder.get('command', '?')}"
+    )
+
+
+class DirectoryLock:
+    """An exclusive ``fcntl.flock`` on ``<directory>/run.lock``, held until :meth:`release`
+    or the end of the process: the kernel drops it when the process dies however it dies
+    (SIGKILL, OOM), so a killed run never blocks its own restart.
+
+    Example::
+
+        lock = DirectoryLock("runs/a")
+        lock.acquire()           # DirectoryInUse if another run holds it
+        try:
+            ...                  # the run
+        finally:
+            lock.release()
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Takes the lock at once or raises DirectoryInUse; then writes this process's
+        details into the lock file for the message a second run shows."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DirectoryInUse(self.directory, read_lock_holder(self.path)) from None
+        except OSError as e:  # ENOLCK: a filesystem without locks
+            os.close(fd)
+            raise _name_the_file(e, self.path) from None
+        _HELD_LOCKS.add(fd)
+        self._fd = fd
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "launcher_pid": os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None,
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        }
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        except OSError as e:
+            self.release()
+            raise _name_the_file(e, self.path) from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            _HELD_LOCKS.discard(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_lock_holder(path: str) -> dict[str, Any]:
+    """What the holder wrote into a lock file; {} when nothing (yet) or unreadable."""
     try:
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with open(path) as f:
+            holder = json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 # --------------------------------------------------------------------------------------
@@ -399,7 +619,7 @@ def plot_curves(rows: Sequence[Mapping], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -428,5 +648,5 @@ def plot_switch_weights(weights: Mapping[str, Mapping[str, Sequence[float]]], pa
     axes[0].set_yticks(range(len(names)), names, fontsize=6)
     axes[1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
