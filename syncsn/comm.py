@@ -264,14 +264,15 @@ def check_same_layer(
 
     Without SYNCSN_DEBUG the same faults hang in the next collective until the process group's
     timeout. The checks go through the default store (one round trip or a few per call), not
-    through ``device``, which is accepted for the callers' convenience.
+    through ``device``; a call on the meta device (shape inference) makes no collective and
+    is not checked.
 
     Args:
         description: the layer's type and width, e.g. ``"SyncSwitchNorm2d(64)"``.
         identity: its qualified name, or its creation number when unnamed.
         group: the process group it synchronizes over in training (None: the world), or
             its name (:func:`group_name`); the same in eval mode.
-        device: unused.
+        device: the input's device (meta: nothing is checked).
         training: whether the layer is in training mode (and so synchronizes).
 
     Example::
@@ -280,8 +281,8 @@ def check_same_layer(
             comm.check_same_layer("SyncBatchNorm(64)", "layer1.0.bn1", group, x.device,
                                   training=self.training)
     """
-    if torch.compiler.is_compiling():
-        return
+    if torch.compiler.is_compiling() or (device is not None and device.type == "meta"):
+        return  # (a meta input is shape inference: it makes no collective either)
     if isinstance(group, str):
         group = _resolve(group)
     if group_size(group) == 1:
@@ -514,6 +515,8 @@ def gather_partials(
     """
     if group is None or world == 1:
         return buffer
+    if buffer.is_meta:  # shape inference: no values to exchange
+        return buffer.new_empty((world, buffer.numel()))
     if eager:
         return _gather(buffer, group, world)
     return torch.ops.syncsn.all_gather(buffer, group, world)
@@ -531,6 +534,8 @@ def sum_totals(
     """
     if group is None:
         return buffer
+    if buffer.is_meta:  # shape inference: no values to exchange
+        return torch.empty_like(buffer)
     if debug_enabled() and not torch.compiler.is_compiling():
         name = layer or f"a Sync layer ({buffer.numel()} values)"
         check_same_call(group, _BACKWARD, name, str(buffer.numel()))

@@ -11,7 +11,8 @@ the same calls, so every rank takes the decision at the same step.
 On CPU the copy is synchronous, so the value is available at once and decisions are not
 delayed. Either way no ``aten._local_scalar_dense`` (the op behind ``.item()``) runs on the
 device tensor: the host reads its own staging buffer (``Tensor.tolist`` reads a CPU tensor's
-memory without dispatching an op, a fraction of a microsecond).
+memory without dispatching an op, a fraction of a microsecond). On the meta device (shape
+inference, deferred initialization) there is no value: nothing is read, nothing is ever due.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class DeferredRead:
         ``Tensor.tolist`` gives them), None when nothing is due yet."""
         if value.is_cpu:
             return value.tolist()
+        if value.is_meta:
+            return None
         if value.device.type != "cuda":
             return value.cpu().tolist()
         if torch.cuda.is_current_stream_capturing():
@@ -57,8 +60,13 @@ class DeferredRead:
         return due
 
     def collect(self) -> Any | None:
-        """The value of the last :meth:`publish` on CUDA, waiting for its copy; None if none."""
-        if self._pending is None:
+        """The value of the last :meth:`publish` on CUDA, waiting for its copy; None if none
+        (and while a CUDA graph is being captured, when waiting is not allowed: it stays due).
+
+        A caller may collect before it publishes again, to act on the previous value before
+        the work of this call (a layer raises its previous step's error before it folds
+        anything)."""
+        if self._pending is None or torch.cuda.is_current_stream_capturing():
             return None
         host, event = self._pending
         self._pending = None

@@ -133,6 +133,8 @@ def _batch_moments(
     running_ddof: int,
 ):
     """The forward collective and the merge: the batch scope of every rank of the group."""
+    if call.training:
+        partials = _after_due_flags(partials, call)
     gathered = comm.gather_partials(partials, call.group, call.world, eager=call.eager)
     fold = call.training and call.fold_running
     batch = ops.merge(
@@ -199,9 +201,11 @@ class SwitchNormFunction(torch.autograd.Function):
         sparse = None
         if radius is not None and frozen_w is not None and frozen_v is not None:
             sparse = SparseSwitch(radius, frozen_w, frozen_v, call.training and call.eager)
+        batch_scope = use_bn and (call.training or running_mean is None)
+        if batch_scope and not call.training:
+            _check_eval_count(x.shape[0], call)  # each sample counts once
         stats, partials = steps.sn_stats(x, call.ddof)
         bn_mean = bn_var = count = None
-        batch_scope = use_bn and (call.training or running_mean is None)
         if batch_scope:
             batch = _batch_moments(
                 partials, call, running_mean, running_var, num_batches_tracked, call.ddof
@@ -274,6 +278,8 @@ class BatchNormFunction(torch.autograd.Function):
         anchor: Tensor | None,
     ) -> Tensor:
         steps = ops.steps(call.eager, x, weight, bias)
+        if not call.training:
+            _check_eval_count(x.numel() // x.shape[1], call)  # values per channel
         centre, partials = steps.bn_stats(x)
         batch = _batch_moments(
             partials, call, running_mean, running_var, num_batches_tracked, running_ddof=1
@@ -325,6 +331,11 @@ def checked(var: Tensor, flags: Tensor, call: LayerCall) -> Tensor:
     not folded (the merge already skipped them) and warn once per layer. The flags are read
     through :class:`~syncsn.deferred.DeferredRead`: at once on CPU, one step late on CUDA
     (then the error names the previous step), the same step on every rank either way.
+
+    A call that raises folds nothing into the running statistics, on either device: on CPU
+    the merge skipped the batch of one; on CUDA the layer's next training call acts on the
+    flags before it gathers or merges (:func:`_after_due_flags`), so that call's batch is
+    not folded either.
     """
     if call.eager:
         # Nothing can drop or reorder the check: act on the flags and hand var back as is.
@@ -333,18 +344,50 @@ def checked(var: Tensor, flags: Tensor, call: LayerCall) -> Tensor:
     return torch.ops.syncsn.checked(var, flags, call.layer, call.key)
 
 
-def _read_flags(flags: Tensor, layer: str, key: int) -> None:
+def _after_due_flags(partials: Tensor, call: LayerCall) -> Tensor:
+    """``partials``, once the flags of this layer's previous training call that were read
+    late (on CUDA) have been acted on: before this call gathers or folds anything, so that a
+    call that raises changes nothing, as on CPU, where the flags are read at once and nothing
+    is due here. Every rank of the group holds the same flags, so every rank raises here.
+    (The collective takes the result, so no compiler drops the check or moves it later.)"""
+    if call.eager:
+        _read_flags(None, call.layer, call.key)
+        return partials
+    no_flags = partials.new_empty((0,), dtype=torch.int32)
+    return torch.ops.syncsn.checked(partials, no_flags, call.layer, call.key)
+
+
+def _check_eval_count(count: int, call: LayerCall) -> None:
+    """ValueError for an eval-mode call that normalizes with the statistics of a batch of
+    ``count`` = 1 (samples for SN, values per channel for BatchNorm), as torch's BatchNorm
+    raises. Eval mode never communicates, so the count is this rank's, known from the
+    input's shape: the check reads nothing on the device and raises at once everywhere."""
+    if count == 1:
+        raise _too_few_error(call.layer, when=None)
+
+
+def _read_flags(flags: Tensor | None, layer: str, key: int) -> None:
+    """Act on the flags due for a layer: those of its previous call if they were read late
+    (CUDA), then, given ``flags`` (a merge's), on them once they are read (at once on CPU;
+    on CUDA at the layer's next training call, which collects them before its merge)."""
     state = _reports.get(key)
     if state is None:
+        if flags is None:
+            return
         state = _reports[key] = _Reports()
-    due = state.reader.publish(flags)
+    due = state.reader.collect()
     if due:
-        _act(due, layer, state, late=flags.is_cuda)
+        _act(due, layer, state, late=True)
+    if flags is not None:
+        due = state.reader.publish(flags)
+        if due:
+            _act(due, layer, state, late=False)
 
 
 @torch.library.custom_op("syncsn::checked", mutates_args=())
 def _checked(var: Tensor, flags: Tensor, layer: str, key: int) -> Tensor:
-    _read_flags(flags, layer, key)
+    # Empty flags: before a merge, only what an earlier call left due.
+    _read_flags(flags if flags.numel() else None, layer, key)
     return var.clone()  # an op's output may not alias its input
 
 
@@ -353,23 +396,38 @@ def _(var, flags, layer, key):
     return torch.empty_like(var)
 
 
-def _act(flags: int, layer: str, state: _Reports, late: bool) -> None:
-    when = "in the previous training step" if late else "in this training step"
+def _too_few_error(layer: str, when: str | None) -> ValueError:
+    """The error for a batch of one: of a training step (``when`` says which), or, with
+    ``when`` None, of an eval-mode call without running statistics."""
     # SN counts samples (each counts once whatever its size), BatchNorm counts values.
     unit = "value per channel" if layer.startswith("SyncBatchNorm") else "sample"
-    if flags & Flags.TOO_FEW:
-        raise ValueError(
+    if when is not None:
+        message = (
             f"{layer}: expected more than 1 value per channel when training, got a global "
             f"batch of 1 {unit} {when}; the batch statistics are undefined. Use a larger "
             "batch, synchronize over more ranks (a Sync layer), or call .eval() to use the "
             "running statistics."
-            + (
-                " For Switchable Normalization with one image per process, the SN authors "
-                "use using_bn=False (no batch scope)."
-                if unit == "sample"
-                else ""
-            )
         )
+    else:
+        message = (
+            f"{layer}: expected more than 1 value per channel for the batch statistics, got a "
+            f"batch of 1 {unit} in eval mode; without running statistics "
+            "(track_running_stats=False) the layer normalizes with the batch's statistics in "
+            "eval mode too, as torch's BatchNorm does, and they are undefined. Use a larger "
+            "batch, or a layer that tracks running statistics."
+        )
+    if unit == "sample":
+        message += (
+            " For Switchable Normalization with one image per process, the SN authors use "
+            "using_bn=False (no batch scope)."
+        )
+    return ValueError(message)
+
+
+def _act(flags: int, layer: str, state: _Reports, late: bool) -> None:
+    when = "in the previous training step" if late else "in this training step"
+    if flags & Flags.TOO_FEW:
+        raise _too_few_error(layer, when)
     fresh = flags & ~state.warned & (Flags.NONFINITE | Flags.OVERFLOW)
     state.warned |= fresh
     if fresh & Flags.NONFINITE:

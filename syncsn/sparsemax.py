@@ -43,7 +43,8 @@ class _SparsemaxFunction(torch.autograd.Function):
     def forward(ctx, z: Tensor, dim: int) -> Tensor:
         # Shifting by the max changes nothing mathematically but keeps the threshold exact
         # for large logits: the top entry becomes 0 and a support of one gives exactly 1.
-        z = z - z.amax(dim=dim, keepdim=True)
+        top = z.amax(dim=dim, keepdim=True)
+        z = z - top
         z_sorted = z.sort(dim=dim, descending=True).values
         n = z.shape[dim]
         shape = [1] * z.dim()
@@ -53,9 +54,13 @@ class _SparsemaxFunction(torch.autograd.Function):
         # j is in the support iff 1 + j z_(j) > sum_{i <= j} z_(i); the support size is the
         # largest such j (j = 1 always qualifies, so k >= 1).
         qualifies = 1 + ranks.to(z.dtype) * z_sorted > cumsum
-        k = torch.where(qualifies, ranks, 0).amax(dim=dim, keepdim=True)
+        # (A slice whose maximum is not finite qualifies nowhere: k = 0 there, made 1 so that
+        # the gather stays in bounds; its result is NaN below.)
+        k = torch.where(qualifies, ranks, 0).amax(dim=dim, keepdim=True).clamp_min(1)
         tau = (cumsum.gather(dim, k - 1) - 1) / k.to(z.dtype)
         p = (z - tau).clamp_min(0)
+        # NaN or +inf logits, or only -inf ones, have no projection: NaN, as softmax gives.
+        p = torch.where(torch.isfinite(top), p, math.nan)
         ctx.save_for_backward(p)
         ctx.dim = dim
         return p
@@ -68,7 +73,8 @@ class _SparsemaxFunction(torch.autograd.Function):
         size = support.sum(dim=dim, keepdim=True).to(grad_p.dtype)
         grad_on_support = torch.where(support, grad_p, 0)
         mean = grad_on_support.sum(dim=dim, keepdim=True) / size
-        return torch.where(support, grad_p - mean, 0), None
+        grad_z = torch.where(support, grad_p - mean, 0)
+        return torch.where(p.isnan(), p, grad_z), None  # NaN back through a NaN result
 
 
 def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
@@ -81,12 +87,15 @@ def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
 
     Args:
         z: floating-point logits of any shape ``(..., K, ...)`` with ``K >= 1`` along
-            ``dim``; they must be finite.
+            ``dim``. An entry of ``-inf`` gets weight 0 (as in softmax); a slice with a NaN
+            or ``+inf`` entry, or only ``-inf`` entries, has no projection and gives NaN
+            throughout, as softmax does (no error: checking would read the device).
         dim: the dimension to project along.
 
     Returns:
-        Tensor of the shape and dtype of ``z``: non-negative, summing to 1 along ``dim``.
-        Differentiable; the backward is the closed form (see ``_SparsemaxFunction``).
+        Tensor of the shape and dtype of ``z``: non-negative, summing to 1 along ``dim``
+        (NaN for a slice without a projection). Differentiable; the backward is the closed
+        form (see ``_SparsemaxFunction``), NaN through a NaN slice.
 
     Example::
 
@@ -320,7 +329,8 @@ def _sparsestmax_vjp(z: Tensor, radius: Tensor, grad: Tensor) -> Tensor:
 
     Returns:
         (..., K), the gradient of ``z``; the same as autograd's through
-        :func:`_sparsestmax_unchecked` up to round-off.
+        :func:`_sparsestmax_unchecked` up to round-off (NaN for a vector whose result is
+        NaN, see :func:`sparsemax`).
     """
     radius = radius.detach().expand(z.shape[:-1])
     leave_tol = 4 * torch.finfo(z.dtype).eps
@@ -366,4 +376,4 @@ def _sparsestmax_vjp(z: Tensor, radius: Tensor, grad: Tensor) -> Tensor:
         value = torch.where(keep.unsqueeze(-1), sparsemax_vjp(support, size, grad), pushed)
         onward = sparsemax_vjp(support, size, push_vjp(offset, dist, radius, carried))
         carried = torch.where(finished.unsqueeze(-1), value, onward)
-    return carried
+    return torch.where(torch.isfinite(z.amax(dim=-1, keepdim=True)), carried, math.nan)

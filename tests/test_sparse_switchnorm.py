@@ -17,10 +17,12 @@ import os
 import pytest
 import torch
 from dist_world import count_collectives, subgroup
+from test_faults import LateRead
 from test_sync import compare_to_concatenated, make_batch, randomize_
 from torch import Tensor, nn
 
 import syncsn.sparse_switchnorm as ssn_module
+from syncsn import kernels
 from syncsn.optim import param_groups
 from syncsn.sparse_switchnorm import (
     RadiusSchedule,
@@ -33,6 +35,7 @@ from syncsn.sparse_switchnorm import (
     set_radius,
 )
 from syncsn.sparsemax import is_one_hot, sparsestmax
+from syncsn.switchnorm import SwitchNorm1d, SwitchNorm2d
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -333,6 +336,48 @@ def test_no_freezing_in_eval_mode():
     assert layer.frozen_scopes == ("in", "bn")
 
 
+SN_LOCAL = {1: SwitchNorm1d, 2: SwitchNorm2d}
+
+
+# (NumPy's warnings from Triton's interpreter computing on NaN.)
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton")
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("logit", [math.nan, math.inf], ids=["nan", "inf"])
+def test_non_finite_switch_logits_give_nan_as_switchnorm_does(backend, dim, logit, monkeypatch):
+    """After one NaN optimizer step the switch logits are NaN: SSN gives NaN outputs and
+    gradients, as SN's softmax does, in training and eval, on every backend; nothing
+    freezes, and the running statistics (of the batch, which is finite) fold as SN's do.
+    No error and no host read: every rank holds the same logits and computes the same."""
+    if backend == "triton" and not kernels.get("triton").available():
+        pytest.skip(kernels.get("triton").unavailable_reason())
+    monkeypatch.setenv("SYNCSN_BACKEND", backend)
+    c = SHAPES[dim][1]
+    layers = {"ssn": LOCAL[dim](c), "sn": SN_LOCAL[dim](c)}
+    set_radius(layers["ssn"], 0.5)
+    out = {}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            layer.var_weight[-1] = logit
+        x = make_input(dim, torch.float32).requires_grad_()
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads = {k: p.grad for k, p in layer.named_parameters()}
+        with torch.no_grad():
+            evaluated = layer.eval()(make_input(dim, torch.float32, seed=2))
+        out[name] = y.detach(), x.grad, grads, evaluated
+    (y, dx, grads, evaluated), (sn_y, sn_dx, sn_grads, sn_evaluated) = out["ssn"], out["sn"]
+    for got, sn in ((y, sn_y), (dx, sn_dx), (evaluated, sn_evaluated)):
+        assert bool(got.isnan().all()) and bool(sn.isnan().all())
+    for k, sn in sn_grads.items():  # NaN where SN's are (all but the bias's)
+        assert torch.equal(grads[k].isnan(), sn.isnan()), k
+    ssn, sn_layer = layers["ssn"], layers["sn"]
+    assert ssn.frozen_scopes == (None, None)
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(ssn, k), getattr(sn_layer, k)), k
+    assert int(ssn.num_batches_tracked) == 1
+
+
 def test_tied_logits_never_freeze_until_a_gradient_step_breaks_the_tie():
     """At initialisation the logits are tied (all ones): sparsestmax returns the uniform
     point at any radius, so a fresh layer is plain sparsemax-SN. The sparsemax gradient at
@@ -366,18 +411,6 @@ def test_bad_frozen_buffer_is_reported_when_loaded():
     state["frozen_mean"] = torch.tensor(5)
     with pytest.raises(ValueError, match=r"frozen_mean must be -1 .* got 5"):
         SparseSwitchNorm2d(4).load_state_dict(state)
-
-
-class LateRead:
-    """:class:`syncsn.deferred.DeferredRead` as it behaves on CUDA, on CPU tensors: each
-    publication returns the value published before it."""
-
-    def __init__(self) -> None:
-        self._pending = None
-
-    def publish(self, value: Tensor):
-        due, self._pending = self._pending, value.tolist()
-        return due
 
 
 def test_a_host_that_learns_a_step_late_computes_the_same(monkeypatch):

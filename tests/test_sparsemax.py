@@ -9,7 +9,13 @@ import random
 import pytest
 import torch
 
-from syncsn.sparsemax import _sparsestmax_unchecked, is_one_hot, sparsemax, sparsestmax
+from syncsn.sparsemax import (
+    _sparsestmax_unchecked,
+    _sparsestmax_vjp,
+    is_one_hot,
+    sparsemax,
+    sparsestmax,
+)
 
 SQRT_2_3 = math.sqrt(2 / 3)
 SQRT_1_2 = math.sqrt(1 / 2)
@@ -189,6 +195,32 @@ def test_sparsemax_rejects_bad_input():
         sparsemax(torch.zeros(2, 3), dim=2)
     with pytest.raises(TypeError, match="torch.Tensor"):
         sparsemax([1.0, 2.0])
+
+
+def test_sparsemax_of_logits_without_a_projection_is_nan_as_softmax_is():
+    """NaN or +inf logits (one bad optimizer step), or only -inf ones, have no projection:
+    the slice is NaN, forward and backward, as torch.softmax gives; other slices are
+    untouched. -inf entries beside finite ones get weight 0, as in softmax."""
+    nan, inf = math.nan, math.inf
+    z = torch.tensor(
+        [[nan, 0.0, 0.0], [inf, 0.0, 0.0], [-inf, -inf, -inf], [1.0, 0.8, -1.0], [-inf, 0.0, 0.2]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    p = sparsemax(z)
+    softmax = torch.softmax(z.detach(), dim=-1)
+    assert torch.equal(p[:3].isnan(), softmax[:3].isnan()) and bool(p[:3].isnan().all())
+    torch.testing.assert_close(p[3], torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(p[4], torch.tensor([0.0, 0.4, 0.6], dtype=torch.float64))
+    p.backward(torch.arange(15, dtype=torch.float64).view(5, 3))
+    assert bool(z.grad[:3].isnan().all())
+    assert bool(z.grad[3:].isfinite().all())
+    # The same along another dimension, and the unchecked sparsestmax the layers use.
+    assert bool(sparsemax(torch.tensor([[nan], [0.0]]), dim=0).isnan().all())
+    radius = torch.tensor(0.5)
+    assert bool(_sparsestmax_unchecked(torch.tensor([0.0, nan, 1.0]), radius).isnan().all())
+    grad = _sparsestmax_vjp(torch.tensor([0.0, inf, 1.0]), radius, torch.ones(3))
+    assert bool(grad.isnan().all())
 
 
 # --------------------------------------------------------------------------- sparsestmax

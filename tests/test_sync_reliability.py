@@ -18,10 +18,13 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.distributed as dist
+from dist_world import count_collectives
+from test_faults import LateRead
 from test_sync import compare_to_concatenated, layer_results, make_batch, randomize_, rel_err
 from torch.utils.checkpoint import checkpoint
 
 import syncsn
+import syncsn.function as function_module
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,6 +141,111 @@ def test_global_count_of_one_raises_on_every_rank(world, kind):
     # Control: one sample on each rank is a global batch of two, which is fine.
     for message, tracked in world.run(_count_case, kind, (1, 1), timeout=CASE_TIMEOUT):
         assert message is None and tracked == 1, message
+
+
+def _late_count_case(rank, kind, late):
+    """Four training steps: a good batch, a global batch of one sample (value), two good
+    batches; what each step raised and the running statistics after it."""
+    group, p, i = pair(rank)
+    spatial = () if kind == "bn" else KINDS[kind][2]
+    saved = function_module.DeferredRead
+    if late:
+        function_module.DeferredRead = LateRead  # the layer's flags, read as on CUDA
+    try:
+        layer = sync_layer(kind, group)
+        g = torch.Generator().manual_seed(rank)
+        batches = [torch.randn(2, C, *spatial, dtype=torch.float64, generator=g) for _ in range(4)]
+        batches[1] = batches[1][: 1 if i == p else 0]  # one sample on one rank of the pair
+        errors, states = [], []
+        for x in batches:
+            try:
+                layer(x).square().sum().backward()
+                errors.append(None)
+            except ValueError as err:
+                errors.append(str(err))
+            states.append(buffers(layer))
+        return errors, states
+    finally:
+        function_module.DeferredRead = saved
+
+
+@pytest.mark.parametrize("kind", ["sn1d", "sn2d", "bn"])
+def test_a_global_count_of_one_read_a_step_late_folds_nothing_when_it_raises(world, kind):
+    """On CUDA the merge's flags reach the host a step late: the global batch of one raises
+    at the layer's next training call, on every rank. That call raises before it gathers or
+    folds, so the running statistics when the error comes are those a CPU run has when it
+    raises at once (the batch of one is never folded), bitwise on every rank; the step
+    after the error trains normally."""
+    at_once = world.run(_late_count_case, kind, False, timeout=CASE_TIMEOUT)
+    late = world.run(_late_count_case, kind, True, timeout=CASE_TIMEOUT)
+    for (errors, states), (late_errors, late_states) in zip(at_once, late, strict=True):
+        assert errors[0] is None and errors[2:] == [None, None], errors
+        assert "in this training step" in errors[1], errors[1]
+        assert late_errors[:2] == [None, None] and late_errors[3] is None, late_errors
+        assert "in the previous training step" in late_errors[2], late_errors[2]
+        for message in (errors[1], late_errors[2]):
+            assert "got a global batch of 1" in message, message
+        # When the error comes, on either device: the statistics of the first step alone.
+        for name, value in states[0].items():
+            assert torch.equal(states[1][name], value), name
+            assert torch.equal(late_states[1][name], value), name
+            assert torch.equal(late_states[2][name], value), name
+        assert int(states[0]["num_batches_tracked"]) == 1
+        assert int(late_states[3]["num_batches_tracked"]) == 2
+    for results in (at_once, late):
+        assert_pairs_agree(
+            results, lambda r: {f"{k}{s}": v for s, st in enumerate(r[1]) for k, v in st.items()}
+        )
+
+
+def _eval_count_case(rank, kind):
+    """Eval mode without running statistics on the pair: one rank holds one sample (value),
+    the other three; eval never communicates, so each rank checks its own batch."""
+    group, p, i = pair(rank)
+    spatial = () if kind == "bn" else KINDS[kind][2]
+    layer = sync_layer(kind, group, track_running_stats=False).eval()
+    x = torch.randn(1 if i == p else 3, C, *spatial, dtype=torch.float64)
+    error = None
+    calls = None
+    try:
+        calls = count_collectives(lambda: layer(x))
+    except ValueError as err:
+        error = str(err)
+    return x.shape[0], error, calls
+
+
+@pytest.mark.parametrize("kind", ["sn1d", "sn2d", "bn"])
+def test_eval_without_running_stats_checks_each_ranks_own_batch(world, kind):
+    for n, error, calls in world.run(_eval_count_case, kind, timeout=CASE_TIMEOUT):
+        if n == 1:
+            assert error is not None and "got a batch of 1" in error, error
+            assert "eval mode" in error, error
+        else:
+            assert error is None and calls == {}, (error, calls)
+
+
+# -- the meta device -----------------------------------------------------------------------------
+
+
+def _meta_case(rank, kind):
+    group, _, _ = pair(rank)
+    spatial = KINDS[kind][2]
+    layer = KINDS[kind][0](C, process_group=group, device="meta")
+    x = torch.empty(2, C, *spatial, device="meta", requires_grad=True)
+    holder = {}
+    calls = count_collectives(lambda: holder.setdefault("y", layer(x)).sum().backward())
+    y = holder["y"]
+    return y.device.type, tuple(y.shape), x.grad.device.type, calls
+
+
+@pytest.mark.parametrize("kind", ["sn1d", "sn2d", "sn3d", "bn"])
+def test_sync_layers_on_the_meta_device_make_no_collective(world, kind):
+    """Shape inference with a process group: a meta output and meta gradients, as on one
+    rank, and no collective (there is nothing to exchange; gloo cannot send meta tensors)."""
+    for y_device, shape, dx_device, calls in world.run(_meta_case, kind, timeout=CASE_TIMEOUT):
+        assert (y_device, dx_device) == ("meta", "meta")
+        assert shape == (2, C, *KINDS[kind][2])
+        assert calls == {}, calls
 
 
 # -- non-finite batch statistics ---------------------------------------------------------------
