@@ -10,6 +10,14 @@ from .convert import (
     revert_sync,
 )
 from .inspect import format_switch_weights, switch_weights
+from .norm_act import (
+    BatchNormAct2d,
+    SparseSwitchNormAct2d,
+    SwitchNormAct2d,
+    SyncBatchNormAct,
+    SyncSparseSwitchNormAct2d,
+    SyncSwitchNormAct2d,
+)
 from .optim import param_groups
 from .recalibration import recalibrate
 from .registry import build_named_norm_layer, build_norm_layer, register_norm
@@ -53,6 +61,12 @@ __all__ = [
     "SyncSparseSwitchNorm1d",
     "SyncSparseSwitchNorm2d",
     "SyncSparseSwitchNorm3d",
+    "BatchNormAct2d",
+    "SyncBatchNormAct",
+    "SwitchNormAct2d",
+    "SyncSwitchNormAct2d",
+    "SparseSwitchNormAct2d",
+    "SyncSparseSwitchNormAct2d",
     "set_radius",
     "RadiusSchedule",
     "create_sync_groups",

@@ -41,6 +41,7 @@ __all__ = [
     "centred_sums",
     "fold_running",
     "check_spatial_size",
+    "unbiased_divisor",
     "switch_norm_eval",
 ]
 
@@ -99,12 +100,13 @@ def layer_moments(mean_in: Tensor, var_in: Tensor, ddof: int = 0) -> tuple[Tenso
         ddof: 0, or 1 for the unbiased variance over the C features (SwitchNorm1d).
     Returns:
         mu_ln (N,) = mean_c mean_in; var_ln (N,) =
-        (sum_c var_in + sum_c (mean_in - mu_ln)^2) / (C - ddof).
+        (sum_c var_in + sum_c (mean_in - mu_ln)^2) / max(C - ddof, 1): over one feature
+        with ``ddof=1`` the variance is 0, as the IN scope's over one position is.
     """
     c = mean_in.shape[1]
     mu_ln = mean_in.mean(dim=1)
     spread = (mean_in - mu_ln[:, None]).square().sum(dim=1)
-    return mu_ln, (var_in.sum(dim=1) + spread) / (c - ddof)
+    return mu_ln, (var_in.sum(dim=1) + spread) / max(c - ddof, 1)
 
 
 def _partials(count: float, mean: Tensor, m2: Tensor) -> Tensor:
@@ -260,7 +262,8 @@ def sparse_switches(
     scope = torch.arange(logits.shape[-1], device=logits.device)
     one_hot = (scope == frozen.unsqueeze(-1)).to(dtype)
     weights = torch.where(frozen.unsqueeze(-1) >= 0, one_hot, sparse)
-    found = torch.count_nonzero(sparse.detach(), dim=-1) == 1
+    # (NaN weights, from NaN logits, are never one-hot: nothing freezes on them.)
+    found = (torch.count_nonzero(sparse.detach(), dim=-1) == 1) & ~sparse.detach().isnan().any(-1)
     selection = torch.where((frozen < 0) & found, sparse.detach().argmax(dim=-1), frozen)
     return weights, sparse, selection
 
@@ -344,15 +347,21 @@ def fold_running(running: Tensor, batch: Tensor, factor: Tensor | float) -> Tens
     return (r + factor * (batch - r)).to(running.dtype)
 
 
+def unbiased_divisor(count: int) -> int:
+    """The divisor of an unbiased variance over ``count`` values: count - 1, but 1 for a
+    single value, whose variance is then 0 (the sum of squares about itself), with a
+    well-defined gradient. Switchable Normalization's IN scope over a 1x1 map and its LN
+    scope over one feature (SwitchNorm1d) use it; eps keeps the mixture finite."""
+    return max(count - 1, 1)
+
+
 def check_spatial_size(length: int, layer: str) -> None:
-    """The unbiased instance variance needs at least two elements per (n, c)."""
-    if length < 2:
+    """The IN scope needs at least one spatial element per (n, c) (one gives mean = x and
+    variance 0, see :func:`unbiased_divisor`)."""
+    if length < 1:
         raise ValueError(
-            f"{layer}: the IN scope needs at least 2 spatial elements per channel to compute "
-            f"the unbiased instance variance, got a feature map of {length} element(s) (a 1x1 "
-            "map divides by L - 1 = 0; the reference implementation silently returns NaN). "
-            "Normalize 1x1 maps with SwitchNorm1d on the flattened (N, C) features, or with a "
-            "BatchNorm layer; or feed a larger input."
+            f"{layer}: the IN scope needs at least 1 spatial element per channel, got a "
+            f"feature map of {length} elements (a spatial dimension of size 0)"
         )
 
 
@@ -388,10 +397,13 @@ def switch_norm_eval(
     if x.dim() == 2:
         mean_in, var_in = xs, None
     else:
-        var_in, mean_in = torch.var_mean(xs, dim=tuple(range(2, x.dim())), correction=1)
+        # One position (a 1x1 map): variance 0, as the kernels compute it.
+        correction = 1 if spatial_size(x) > 1 else 0
+        var_in, mean_in = torch.var_mean(xs, dim=tuple(range(2, x.dim())), correction=correction)
     mu_ln = mean_in.mean(dim=1, keepdim=True)
     spread = (mean_in - mu_ln).square()
-    var_ln = (spread if var_in is None else var_in + spread).sum(dim=1, keepdim=True) / (c - ddof)
+    var_ln = (spread if var_in is None else var_in + spread).sum(dim=1, keepdim=True)
+    var_ln = var_ln / max(c - ddof, 1)
     w, v = cast(w), cast(v)
     mu = w[1] * mu_ln + (w[0] * mean_in if var_in is not None else 0)
     var = v[1] * var_ln + (v[0] * var_in if var_in is not None else 0)

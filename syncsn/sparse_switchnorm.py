@@ -340,9 +340,12 @@ class _SparseSwitchMixin(_SwitchNorm):
         return ForwardWeights(weights[0], weights[1], self.using_bn, False)
 
     def _debug_checked(self) -> bool:
-        """Whether the ranks compare their freezing (SYNCSN_DEBUG, a synchronizing call)."""
+        """Whether the ranks compare their freezing (SYNCSN_DEBUG, a synchronizing call that
+        is not shape inference on the meta device)."""
         group, _ = self._sync_target()
-        return group is not None and comm.debug_enabled() and not torch.compiler.is_compiling()
+        if group is None or self.frozen_mean.is_meta:
+            return False
+        return comm.debug_enabled() and not torch.compiler.is_compiling()
 
     def _uses_bn(self, settled: tuple[int, int]) -> bool:
         if "bn" in self.scopes:

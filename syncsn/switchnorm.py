@@ -110,8 +110,6 @@ class _SwitchNorm(_BatchNorm):
 
     _ndims: tuple[int, ...]
     _layout: str
-    # The smallest num_features a layer's scopes are defined for.
-    _min_features = 1
     scopes: tuple[str, ...]
 
     mean_weight: nn.Parameter
@@ -141,11 +139,6 @@ class _SwitchNorm(_BatchNorm):
         nn.Module.__init__(self)
         name = type(self).__name__
         num_features = _args.check_num_features(name, num_features)
-        if num_features < self._min_features:
-            raise ValueError(
-                f"{name} needs num_features >= {self._min_features}: its LN scope is the "
-                f"unbiased variance over the features, undefined for {num_features} feature(s)"
-            )
         self.num_features = num_features
         self.eps = _args.check_eps(name, eps)
         self.momentum = _args.check_momentum(name, momentum)
@@ -416,9 +409,10 @@ _SN_MATH = r"""
 
 _SN_SCOPES = """
     Scopes, from per-(sample, channel) statistics: IN over the {spatial} positions of each
-    sample and channel (unbiased variance), LN over the channels and positions of each
-    sample, BN over the samples and positions of the batch (in eval mode: the running
-    statistics). Each sample counts once in BN, whatever its size.
+    sample and channel (unbiased variance; over a single position, a 1x1 map, the mean is
+    the value and the variance 0), LN over the channels and positions of each sample, BN
+    over the samples and positions of the batch (in eval mode: the running statistics).
+    Each sample counts once in BN, whatever its size.
 """
 
 
@@ -439,7 +433,8 @@ class SwitchNorm1d(_SwitchNorm):
         + _SN_MATH
         + """
     Scopes: LN over the C features of each sample and BN over the N samples (in eval mode:
-    the running statistics), both with the unbiased variance, as in the SN authors' code.
+    the running statistics), both with the unbiased variance, as in the SN authors' code
+    (over one feature the LN variance is 0).
 """,
         "(N, C)",
         "LN alone",
@@ -451,7 +446,6 @@ class SwitchNorm1d(_SwitchNorm):
     scopes = ("ln", "bn")
     _ndims = (2,)
     _layout = "(N, C)"
-    _min_features = 2
 
 
 class SwitchNorm2d(_SwitchNormNd):

@@ -136,6 +136,14 @@ SN_SHAPES = {(3, 5, 4, 6): True, (4, 6, 7): True, (5, 7): True, (2, 21, 3, 4, 5)
 BN_SHAPES = {**SN_SHAPES, (6, 5, 1, 1): True, (6, 5, 1): True}
 # 40 x 41 pixels of 21 channels: a channels-last sample is split into several blocks of rows.
 LARGE = [Case((1, 21, 40, 41), torch.float32, "channels_last", small=False)]
+# A 1x1 map: the IN scope's variance over one value is 0. (SwitchNorm1d on one feature, whose
+# LN variance is 0 too, is in tests/test_one_pixel.py: there this file's modes without the
+# BN scope give an input gradient of exactly 0, which no relative error can measure.)
+ONE_VALUE = [
+    Case((3, 5, 1, 1), dtype, layout, small=layout == "contiguous")
+    for dtype in (torch.float64, torch.float32)
+    for layout in ("contiguous", "channels_last")
+]
 
 
 def runs(entry: BackendEntry, case: Case) -> bool:
@@ -293,7 +301,7 @@ def check_sparse(x, dy, stats, mixed, reduced, bn_mean, bn_var, w, v, gamma, bet
     assert rel_err(got, expected) <= tolerance(w.dtype, x.dtype), (got, expected)
 
 
-@pytest.mark.parametrize("entry,case", params_for(BACKENDS, _cases(SN_SHAPES) + LARGE))
+@pytest.mark.parametrize("entry,case", params_for(BACKENDS, _cases(SN_SHAPES) + LARGE + ONE_VALUE))
 def test_sn_steps(backend, entry, case):
     """Each SN step, in training (batch scope), eval (running statistics; the gradient in
     another layout than x) and without the BN scope or affine parameters."""
@@ -443,6 +451,7 @@ LAYERS = {
     "SwitchNorm1d": (syncsn.SwitchNorm1d, (), True),
     "SwitchNorm2d": (syncsn.SwitchNorm2d, (5, 7), True),
     "SwitchNorm3d": (syncsn.SwitchNorm3d, (3, 4, 5), True),
+    "SwitchNorm2d-1x1": (syncsn.SwitchNorm2d, (1, 1), True),
     "SwitchNorm2d-noBN-noaffine": (
         lambda c: syncsn.SwitchNorm2d(c, using_bn=False, affine=False),
         (5, 7),

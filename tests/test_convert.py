@@ -271,11 +271,14 @@ def test_untracked_running_stats_carried_over() -> None:
     assert not twin.track_running_stats and twin.running_mean is None
 
 
-def test_switchnorm1d_needs_two_features() -> None:
-    model = nn.Sequential(nn.BatchNorm1d(1))
-    with pytest.warns(UserWarning, match=r"layer '0'.*at least 2 features"):
-        out = convert_switchnorm(model)
-    assert type(out[0]) is nn.BatchNorm1d
+def test_batchnorm1d_of_one_feature_converts() -> None:
+    """One feature: the LN scope's variance over it is 0 (as IN's over one pixel)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = convert_switchnorm(nn.Sequential(nn.BatchNorm1d(1)))
+    assert type(out[0]) is syncsn.SwitchNorm1d
+    y = out[0](torch.randn(6, 1))
+    assert torch.isfinite(y).all()
 
 
 def test_root_is_converted_and_shared_layers_stay_shared() -> None:
@@ -425,7 +428,7 @@ def test_subclasses_that_add_nothing_are_converted() -> None:
         (TaggedBN(4), "state a BatchNorm2d does not have: scale"),
         (syncsn.SwitchNorm2d(4), "hooks"),
         (OwnBatchNorm(4), "not one the converters know"),
-        (nn.LazyBatchNorm2d(), "not materialized yet. Run one forward pass first"),
+        (nn.LazyBatchNorm2d(), "not materialized yet; run one forward pass first"),
     ],
 )
 def test_layers_with_unknown_behaviour_are_left_with_a_warning(layer, reason) -> None:
@@ -442,6 +445,132 @@ def test_known_layers_convert_without_warnings() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         revert_sync(convert_sync_switchnorm(deeplab()))
+
+
+# --- leaving layers alone, hooks, bad input -------------------------------------------------
+
+
+def head_model() -> nn.Module:
+    """backbone (two BN), head with a pooling branch (one BN each)."""
+    cbr = lambda: nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())  # noqa: E731
+    return nn.ModuleDict(
+        {
+            "backbone": nn.Sequential(cbr(), cbr()),
+            "head": nn.ModuleDict(
+                {"conv": cbr(), "pool": nn.Sequential(nn.AdaptiveAvgPool2d(1), cbr())}
+            ),
+        }
+    )
+
+
+def converted_names(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, syncsn.switchnorm._SwitchNorm)}
+
+
+ALL_NORMS = {"backbone.0.1", "backbone.1.1", "head.conv.1", "head.pool.1.1"}
+
+
+@pytest.mark.parametrize(
+    "exclude, left",
+    [
+        ("head.pool.1.1", {"head.pool.1.1"}),  # an exact name
+        ("head.pool", {"head.pool.1.1"}),  # a module and everything inside it
+        ("backbone.*", {"backbone.0.1", "backbone.1.1"}),  # a glob pattern
+        (nn.AdaptiveAvgPool2d, set()),  # a class (the pool itself holds no norm)
+        (nn.ModuleDict, ALL_NORMS),  # the root is a ModuleDict: nothing converted
+        (lambda name, m: name.endswith("conv"), {"head.conv.1"}),  # a predicate
+        (["backbone.0", lambda name, m: "pool" in name], {"backbone.0.1", "head.pool.1.1"}),
+    ],
+)
+def test_exclude_leaves_chosen_modules_alone(exclude, left) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for convert in (convert_sync_switchnorm, convert_switchnorm):
+            model = convert(head_model(), exclude=exclude)
+            assert converted_names(model) == ALL_NORMS - left
+            assert {n for n, m in model.named_modules() if type(m) is nn.BatchNorm2d} == left
+    model = convert_sync_batchnorm(head_model(), exclude=exclude)
+    synced = {n for n, m in model.named_modules() if isinstance(m, syncsn.SyncBatchNorm)}
+    assert synced == ALL_NORMS - left
+    back = revert_sync(convert_sync_switchnorm(head_model()), exclude=exclude)
+    assert {n for n, m in back.named_modules() if type(m) is syncsn.SyncSwitchNorm2d} == left
+
+
+def test_exclude_takes_layers_the_converters_would_warn_about() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), FusedBNReLU(4), nn.BatchNorm2d(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = convert_sync_switchnorm(model, exclude="1")
+    assert type(out[1]) is FusedBNReLU and type(out[2]) is syncsn.SyncSwitchNorm2d
+
+
+def test_exclude_patterns_that_match_nothing_are_reported() -> None:
+    with pytest.warns(UserWarning, match=r"exclude pattern\(s\) 'head.pol' matched no module"):
+        convert_switchnorm(head_model(), exclude=["head.pol", "backbone"])
+
+
+@pytest.mark.parametrize("bad", [3, [nn.BatchNorm2d, 3.5]])
+def test_exclude_of_the_wrong_kind_is_refused(bad) -> None:
+    with pytest.raises(TypeError, match=r"exclude takes module names.*got (int 3|float 3.5)"):
+        convert_switchnorm(head_model(), exclude=bad)
+
+
+@pytest.mark.parametrize(
+    "convert", [convert_sync_switchnorm, convert_switchnorm, convert_sync_batchnorm, revert_sync]
+)
+def test_state_dict_hooks_move_to_the_new_layer(convert) -> None:
+    """An old checkpoint's renamed key still maps through the layer's load pre-hook, its
+    state-dict post-hook still runs, hooks get the new layer, and the handles remove them."""
+    bn = nn.BatchNorm2d(3)
+    if convert is revert_sync:
+        bn = convert_sync_switchnorm(bn)
+    seen = []
+
+    def rename(module, state_dict, prefix, *args) -> None:
+        seen.append(module)
+        old = prefix + "gamma"
+        if old in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(old)
+
+    def mark(module, state_dict, prefix, local_metadata) -> None:
+        state_dict[prefix + "marked"] = torch.ones(())
+
+    handles = [bn.register_load_state_dict_pre_hook(rename), bn.register_state_dict_post_hook(mark)]
+    model = convert(nn.Sequential(bn))
+    new = model[0]
+    assert new is not bn
+    checkpoint = {k: v for k, v in model.state_dict().items() if k != "0.marked"}
+    checkpoint["0.gamma"] = torch.full((3,), 3.0)
+    del checkpoint["0.weight"]
+    model.load_state_dict(checkpoint, strict=True)
+    assert torch.equal(new.weight.detach(), torch.full((3,), 3.0))
+    assert seen[-1] is new
+    assert "0.marked" in model.state_dict()
+    for handle in handles:
+        handle.remove()
+    assert "0.marked" not in model.state_dict()
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "convert", [convert_sync_switchnorm, convert_switchnorm, convert_sync_batchnorm, revert_sync]
+)
+@pytest.mark.parametrize("given", [None, "resnet50", {"0.weight": torch.ones(2)}])
+def test_a_model_is_required(convert, given) -> None:
+    with pytest.raises(TypeError, match=rf"{convert.__name__} expects a torch.nn.Module.*got"):
+        convert(given)
+
+
+def test_sparse_conversion() -> None:
+    model = convert_sync_switchnorm(
+        nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm1d(4)), sparse=True
+    )
+    assert type(model[0]) is SyncSparseSwitchNorm2d
+    assert type(model[1]) is syncsn.SyncSparseSwitchNorm1d
+    assert type(convert_switchnorm(nn.BatchNorm2d(4), sparse=True)) is SparseSwitchNorm2d
+    with pytest.raises(ValueError, match=r"init='bn' with sparse=True would select BN"):
+        convert_switchnorm(nn.BatchNorm2d(4), sparse=True, init="bn")
 
 
 # --- switch weights -------------------------------------------------------------------------
@@ -501,6 +630,34 @@ def _ddp_step(rank: int, state: dict, xs: list, targets: list) -> dict:
         "params": {name: p.detach().clone() for name, p in model.named_parameters()},
         "buffers": {name: b.clone() for name, b in model.named_buffers()},
     }
+
+
+def _convert_inside_ddp(rank: int) -> list[str]:
+    messages = []
+    for convert in (convert_sync_switchnorm, convert_switchnorm, convert_sync_batchnorm):
+        ddp = nn.parallel.DistributedDataParallel(
+            nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        )
+        try:
+            convert(ddp)
+        except RuntimeError as error:
+            messages.append(str(error))
+        assert type(ddp.module[1]) is nn.BatchNorm2d  # nothing changed
+        # A wrapped model inside another module is refused alike.
+        with pytest.raises(RuntimeError, match=r"its submodule 'inner' is wrapped"):
+            convert(nn.ModuleDict({"inner": ddp}))
+    return messages
+
+
+@pytest.mark.timeout(400)
+def test_a_model_inside_ddp_is_refused(world) -> None:
+    """DDP does not synchronize parameters added after wrapping: the converters refuse and
+    name the order (convert, then wrap) and how to rewrap."""
+    for messages in world.run(_convert_inside_ddp):
+        assert len(messages) == 3
+        for message in messages:
+            assert "wrapped in DistributedDataParallel" in message
+            assert "Convert first, then wrap" in message and "(ddp.module)" in message
 
 
 @pytest.mark.timeout(400)  # includes starting the world on a busy machine

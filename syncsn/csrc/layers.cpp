@@ -189,6 +189,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_stats(const Tensor
   }
   auto [ln_mean, mu_ln] = new_doubles({n}, x);
   auto [ln_var, var_ln] = new_doubles({n}, x);
+  // One feature with ddof 1 (SwitchNorm1d(1)): a variance over one value, 0 like IN's.
+  const double ln_divisor = static_cast<double>(std::max<int64_t>(c - ddof, 1));
   for (int64_t s = 0; s < n; ++s) {
     const double* as = a + s * c;
     const double* bs = b + s * c;
@@ -204,7 +206,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_stats(const Tensor
       spread += (as[j] - mu) * (as[j] - mu);
     }
     mu_ln[s] = mu;
-    var_ln[s] = (sum_b + spread) / static_cast<double>(c - ddof);
+    var_ln[s] = (sum_b + spread) / ln_divisor;
   }
   auto partials = partials_of(a, b, p, static_cast<double>(n), 1.0, x);
   return {centre, mean, var, ln_mean, ln_var, partials};
@@ -305,7 +307,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sn_backward_r
     }
   }
   // IN scope, then LN: per sample, over the channels.
-  const double ln_divisor = static_cast<double>(c - ddof);
+  const double ln_divisor = static_cast<double>(std::max<int64_t>(c - ddof, 1));
   auto [grad_mean, g_a] = new_doubles({n, c}, x);
   auto [grad_var, g_b] = new_doubles({n, c}, x);
   for (int64_t s = 0; s < n; ++s) {

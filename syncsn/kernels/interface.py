@@ -29,8 +29,10 @@ Conventions, shared by every backend:
   logits with a :class:`SparseSwitch`: the backend computes sparsestmax, the freezing and
   their gradient itself.
 * ``ddof`` is 0 for SN over (N, C, *S) and 1 for SwitchNorm1d, whose LN and BN scopes
-  divide by C - 1 and N - 1 (the IN variance always divides by L - 1; with L = 1 there is
-  no IN scope and its variance is 0).
+  divide by C - 1 and N - 1 (the IN variance always divides by L - 1). A variance over a
+  single value is 0 with a zero gradient (the divisor clamped to 1,
+  :func:`syncsn.functional.unbiased_divisor`): the IN scope of a 1x1 map (L = 1) and the
+  LN scope of one feature (C = 1, ddof 1).
 * Outputs and input gradients have x's dtype and memory format.
 
 The steps that decide what every rank must agree on bitwise (:meth:`merge`, which also

@@ -159,7 +159,7 @@ class ReferenceBackend(Backend):
     def sn_stats(self, x: Tensor, ddof: int) -> tuple[SNStats, Tensor]:
         length = F.spatial_size(x)
         centre, mean, m2 = F.instance_moments(x)
-        var = m2 / (length - 1) if length > 1 else torch.zeros_like(m2)
+        var = m2 / F.unbiased_divisor(length)  # (m2 is 0 over one position)
         ln_mean, ln_var = F.layer_moments(mean, var, ddof)
         return SNStats(centre, mean, var, ln_mean, ln_var), F.sample_partials(mean, var)
 
@@ -205,8 +205,9 @@ class ReferenceBackend(Backend):
         g_b = v64[0] * g_var
         m_n = w64[1] * g_mu.sum(dim=1, keepdim=True)
         v_n = v64[1] * g_var.sum(dim=1, keepdim=True)
-        g_a = g_a + m_n / c + v_n * 2 * (stats.mean - stats.ln_mean[:, None]) / (c - ddof)
-        g_b = g_b + v_n / (c - ddof)
+        ln_divisor = max(c - ddof, 1)
+        g_a = g_a + m_n / c + v_n * 2 * (stats.mean - stats.ln_mean[:, None]) / ln_divisor
+        g_b = g_b + v_n / ln_divisor
         # BN: per channel, over the samples of every rank; the caller sums these totals.
         has_bn = bn_mean is not None and bn_var is not None
         totals = torch.cat([w64[2] * g_mu.sum(dim=0), v64[2] * g_var.sum(dim=0)])

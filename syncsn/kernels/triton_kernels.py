@@ -286,7 +286,7 @@ def _ln_finalize(ln_ws_ptr, ln_mean_ptr, ln_var_ptr, N, C, num_groups, ddof, GRO
             dev = mean_g - ln_mean[:, None]
             spread += tl.where(m, m2_g + var_g + width[None, :] * dev * dev, 0.0)
         tl.store(ln_mean_ptr + n, ln_mean, mask=nm)
-        tl.store(ln_var_ptr + n, tl.sum(spread, 1) / (C - ddof), mask=nm)
+        tl.store(ln_var_ptr + n, tl.sum(spread, 1) / tl.maximum(C - ddof, 1), mask=nm)
 
 
 # --- the merge of every rank's partials -----------------------------------------------------
@@ -575,6 +575,16 @@ def _leave_tol(radius_ptr):
 
 
 @triton.jit
+def _without_projection(z, own):
+    """The lanes of logits ``z`` that are NaN: all of the layer's scopes when the logits
+    have no sparsemax (a NaN or +inf among them, or only -inf), none otherwise, as
+    syncsn.sparsemax.sparsemax gives NaN weights (and gradients) there."""
+    nan = tl.sum((own & (z != z)).to(tl.int32), 0) > 0
+    top = tl.max(tl.where(own, z, tl.full([_LANES], float("-inf"), tl.float64)), 0)
+    return _and_flag(own, nan | ~_finite(top))
+
+
+@triton.jit
 def _sparse_switch(z_ptr, radius_ptr, frozen_ptr, SCOPES: tl.constexpr):
     """An SSN vector's weights in lanes (one-hot on the frozen scope, else the sparsestmax
     of the logits at ``z_ptr``) and the selection after this call: the frozen scope, or the
@@ -583,8 +593,10 @@ def _sparse_switch(z_ptr, radius_ptr, frozen_ptr, SCOPES: tl.constexpr):
     z = tl.load(z_ptr + slot, mask=own, other=0.0).to(tl.float64)
     radius = tl.load(radius_ptr).to(tl.float64)
     p = _sparsestmax_lanes(z, own, radius, _leave_tol(radius_ptr), z, False)
+    unusable = _without_projection(z, own)
+    p = tl.where(unusable, float("nan"), p)
     frozen = tl.load(frozen_ptr)
-    one_hot = tl.sum((p != 0).to(tl.int32), 0) == 1
+    one_hot = tl.sum(((p != 0) & ~unusable).to(tl.int32), 0) == 1
     selected = tl.sum(tl.where(p != 0, slot, 0), 0).to(frozen.dtype)
     selection = tl.where((frozen < 0) & one_hot, selected, frozen)
     p = tl.where(frozen >= 0, tl.where(own & (slot == frozen), 1.0, 0.0), p)
@@ -599,6 +611,7 @@ def _sparse_switch_vjp(z_ptr, radius_ptr, frozen_ptr, g, SCOPES: tl.constexpr):
     z = tl.load(z_ptr + slot, mask=own, other=0.0).to(tl.float64)
     radius = tl.load(radius_ptr).to(tl.float64)
     g_z = _sparsestmax_lanes(z, own, radius, _leave_tol(radius_ptr), g, True)
+    g_z = tl.where(_without_projection(z, own), float("nan"), g_z)
     return tl.where(tl.load(frozen_ptr) >= 0, 0.0, g_z)
 
 
@@ -955,8 +968,8 @@ def _sn_reduce_rows(
             g_mu = tl.load(grad_mean_ptr + nc, mask=m2d, other=0.0, cache_modifier=".cg")
             g_var = tl.load(grad_var_ptr + nc, mask=m2d, other=0.0, cache_modifier=".cg")
             a = tl.load(mean_ptr + nc, mask=m2d, other=0.0)
-            g_a = w0 * g_mu + m_n / C + v_n * 2.0 * (a - ln_mean) / (C - ddof)
-            g_b = v0 * g_var + v_n / (C - ddof)
+            g_a = w0 * g_mu + m_n / C + v_n * 2.0 * (a - ln_mean) / tl.maximum(C - ddof, 1)
+            g_b = v0 * g_var + v_n / tl.maximum(C - ddof, 1)
             tl.store(grad_mean_ptr + nc, g_a, mask=m2d)
             tl.store(grad_var_ptr + nc, g_b, mask=m2d)
     k = tl.arange(0, 8)

@@ -1,0 +1,158 @@
+"""Normalization followed by a drop path and an activation, in one layer (timm's norm-act).
+
+timm builds EfficientNet, RegNet and every model made with ``norm_act_layer`` from
+``BatchNormAct2d``: a ``torch.nn.BatchNorm2d`` subclass that applies ``self.drop`` and then
+``self.act`` to its output, keeping BatchNorm's state-dict keys. The layers here are the
+same for each of syncsn's norms: the norm's parameters, buffers and state dict, plus the
+``drop`` and ``act`` modules (``nn.Identity`` when not used), applied in that order.
+
+The converters turn timm's ``BatchNormAct2d`` / ``SyncBatchNormAct`` into these (the
+activation and drop modules are moved over, the same objects), and :func:`syncsn.revert_sync`
+turns the synchronized ones into their local twins. They take timm's norm-act keyword
+arguments, so code that builds a norm-act layer from a class can be given one of these::
+
+    >>> layer = syncsn.SyncSwitchNormAct2d(64, act_layer=nn.SiLU, drop_layer=None)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .batchnorm import SyncBatchNorm
+from .sparse_switchnorm import SparseSwitchNorm2d, SyncSparseSwitchNorm2d
+from .switchnorm import SwitchNorm2d, SyncSwitchNorm2d
+
+__all__ = [
+    "BatchNormAct2d",
+    "SyncBatchNormAct",
+    "SwitchNormAct2d",
+    "SyncSwitchNormAct2d",
+    "SparseSwitchNormAct2d",
+    "SyncSparseSwitchNormAct2d",
+    "NormActMixin",
+    "with_act",
+]
+
+
+def make_act(
+    act_layer: Callable[..., nn.Module] | None,
+    act_kwargs: dict[str, Any] | None = None,
+    inplace: bool = True,
+    apply_act: bool = True,
+) -> nn.Module:
+    """The activation module, as timm makes it: ``act_layer(**act_kwargs, inplace=inplace)``
+    when ``inplace`` (``act_layer(**act_kwargs)`` otherwise), ``nn.Identity()`` without one."""
+    if act_layer is None or not apply_act:
+        return nn.Identity()
+    if isinstance(act_layer, str):
+        raise TypeError(
+            f"act_layer must be a module class or a callable returning a module, got the string "
+            f"{act_layer!r} (with timm: timm.layers.get_act_layer({act_layer!r}))"
+        )
+    kwargs = dict(act_kwargs or {})
+    if inplace:
+        kwargs["inplace"] = True
+    return act_layer(**kwargs)
+
+
+class NormActMixin(nn.Module):
+    """``drop`` then ``act`` after the norm's own forward, with timm's keyword arguments.
+
+    Keyword arguments (the rest go to the norm):
+        apply_act: use ``act_layer``; False: no activation. Default: True
+        act_layer: the activation's class (or a callable returning a module); None: none.
+            Default: ``nn.ReLU``
+        act_kwargs: keyword arguments for ``act_layer``. Default: None
+        inplace: pass ``inplace=True`` to ``act_layer``. Default: True
+        drop_layer: a callable returning the drop module (timm's ``DropBlock2d``, say) applied
+            before the activation; None: none. Default: None
+    """
+
+    drop: nn.Module
+    act: nn.Module
+
+    def __init__(
+        self,
+        *args: Any,
+        apply_act: bool = True,
+        act_layer: Callable[..., nn.Module] | None = nn.ReLU,
+        act_kwargs: dict[str, Any] | None = None,
+        inplace: bool = True,
+        drop_layer: Callable[[], nn.Module] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = make_act(act_layer, act_kwargs, inplace, apply_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+_EXAMPLE = """
+    Example::
+
+        >>> layer = syncsn.{name}(64, act_layer=nn.SiLU)
+        >>> y = layer(torch.randn(4, 64, 8, 8))  # silu({norm}(x))
+"""
+
+
+def _doc(norm: type, name: str) -> str:
+    package = "torch.nn" if norm.__module__.startswith("torch.") else "syncsn"
+    return (
+        f":class:`{package}.{norm.__name__}` followed by ``drop`` and ``act``.\n\n"
+        f"    Takes the arguments of :class:`{norm.__name__}` and those of :class:`NormActMixin`;\n"
+        "    same parameters, buffers and state-dict keys as the norm (plus those of ``act`` and\n"
+        "    ``drop``, if they have any).\n" + _EXAMPLE.format(name=name, norm=norm.__name__)
+    )
+
+
+class BatchNormAct2d(NormActMixin, nn.BatchNorm2d):
+    __doc__ = _doc(nn.BatchNorm2d, "BatchNormAct2d")
+
+
+class SyncBatchNormAct(NormActMixin, SyncBatchNorm):
+    __doc__ = _doc(SyncBatchNorm, "SyncBatchNormAct")
+
+    # It stands for a BatchNormAct2d (see syncsn.convert.mark_dim).
+    _syncsn_dim = 2
+
+
+class SwitchNormAct2d(NormActMixin, SwitchNorm2d):
+    __doc__ = _doc(SwitchNorm2d, "SwitchNormAct2d")
+
+
+class SyncSwitchNormAct2d(NormActMixin, SyncSwitchNorm2d):
+    __doc__ = _doc(SyncSwitchNorm2d, "SyncSwitchNormAct2d")
+
+
+class SparseSwitchNormAct2d(NormActMixin, SparseSwitchNorm2d):
+    __doc__ = _doc(SparseSwitchNorm2d, "SparseSwitchNormAct2d")
+
+
+class SyncSparseSwitchNormAct2d(NormActMixin, SyncSparseSwitchNorm2d):
+    __doc__ = _doc(SyncSparseSwitchNorm2d, "SyncSparseSwitchNormAct2d")
+
+
+# norm class -> the same norm with drop and act.
+_WITH_ACT: dict[type[nn.Module], type[NormActMixin]] = {
+    nn.BatchNorm2d: BatchNormAct2d,
+    SyncBatchNorm: SyncBatchNormAct,
+    SwitchNorm2d: SwitchNormAct2d,
+    SyncSwitchNorm2d: SyncSwitchNormAct2d,
+    SparseSwitchNorm2d: SparseSwitchNormAct2d,
+    SyncSparseSwitchNorm2d: SyncSparseSwitchNormAct2d,
+}
+
+
+def with_act(norm: type[nn.Module]) -> type[NormActMixin]:
+    """The norm-act layer of ``norm`` (a norm over 4-D input: the norm-act layers are 2d)."""
+    if norm not in _WITH_ACT:
+        raise ValueError(
+            f"there is no norm-act layer for {norm.__name__}: norm-act layers are 2d "
+            f"({', '.join(cls.__name__ for cls in _WITH_ACT)})"
+        )
+    return _WITH_ACT[norm]
