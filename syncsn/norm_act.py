@@ -16,6 +16,8 @@ arguments, so code that builds a norm-act layer from a class can be given one of
 
 from __future__ import annotations
 
+import inspect
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -92,49 +94,79 @@ class NormActMixin(nn.Module):
         return self.act(self.drop(super().forward(x)))
 
 
-_EXAMPLE = """
-    Example::
-
-        >>> layer = syncsn.{name}(64, act_layer=nn.SiLU)
-        >>> y = layer(torch.randn(4, 64, 8, 8))  # silu({norm}(x))
+_ACT_ARGS = """        apply_act: use ``act_layer``; False: no activation. Default: True
+        act_layer: the activation's class (or a callable returning a module); None: none.
+            Default: ``nn.ReLU``
+        act_kwargs: keyword arguments for ``act_layer``. Default: None
+        inplace: pass ``inplace=True`` to ``act_layer``. Default: True
+        drop_layer: a callable returning the drop module (timm's ``DropBlock2d``, say) applied
+            before the activation; None: none. Default: None
 """
 
 
-def _doc(norm: type, name: str) -> str:
+def _described(cls: type[NormActMixin]) -> type[NormActMixin]:
+    """Gives a norm-act class the signature and docstring of its norm plus the mixin's
+    keyword arguments (its ``__init__`` takes ``*args, **kwargs``)."""
+    norm = cls.__mro__[2]
+    own = list(inspect.signature(norm).parameters.values())
+    added = inspect.signature(NormActMixin.__init__).parameters.values()
+    keyword = [p for p in added if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    cls.__signature__ = inspect.Signature(own + keyword)  # type: ignore[attr-defined]
     package = "torch.nn" if norm.__module__.startswith("torch.") else "syncsn"
-    return (
-        f":class:`{package}.{norm.__name__}` followed by ``drop`` and ``act``.\n\n"
-        f"    Takes the arguments of :class:`{norm.__name__}` and those of :class:`NormActMixin`;\n"
-        "    same parameters, buffers and state-dict keys as the norm (plus those of ``act`` and\n"
-        "    ``drop``, if they have any).\n" + _EXAMPLE.format(name=name, norm=norm.__name__)
+    norm_args = textwrap.fill(
+        ", ".join(f"``{p.name}``" for p in own) + f": as in :class:`{norm.__name__}`.",
+        width=88,
+        subsequent_indent=" " * 12,
     )
+    cls.__doc__ = f""":class:`{package}.{norm.__name__}` followed by ``drop`` and ``act``.
+
+    Same parameters, buffers and state-dict keys as :class:`{norm.__name__}` (plus those of
+    ``act`` and ``drop``, if they have any).
+
+    Args:
+        {norm_args}
+{_ACT_ARGS}
+    Shape:
+        - Input: :math:`(N, C, H, W)`
+        - Output: :math:`(N, C, H, W)` (same shape as input)
+
+    Example::
+
+        >>> layer = syncsn.{cls.__name__}(64, act_layer=nn.SiLU)
+        >>> y = layer(torch.randn(4, 64, 8, 8))  # silu({norm.__name__}(x))
+    """
+    return cls
 
 
+@_described
 class BatchNormAct2d(NormActMixin, nn.BatchNorm2d):
-    __doc__ = _doc(nn.BatchNorm2d, "BatchNormAct2d")
+    pass
 
 
+@_described
 class SyncBatchNormAct(NormActMixin, SyncBatchNorm):
-    __doc__ = _doc(SyncBatchNorm, "SyncBatchNormAct")
-
     # It stands for a BatchNormAct2d (see syncsn.convert.mark_dim).
     _syncsn_dim = 2
 
 
+@_described
 class SwitchNormAct2d(NormActMixin, SwitchNorm2d):
-    __doc__ = _doc(SwitchNorm2d, "SwitchNormAct2d")
+    pass
 
 
+@_described
 class SyncSwitchNormAct2d(NormActMixin, SyncSwitchNorm2d):
-    __doc__ = _doc(SyncSwitchNorm2d, "SyncSwitchNormAct2d")
+    pass
 
 
+@_described
 class SparseSwitchNormAct2d(NormActMixin, SparseSwitchNorm2d):
-    __doc__ = _doc(SparseSwitchNorm2d, "SparseSwitchNormAct2d")
+    pass
 
 
+@_described
 class SyncSparseSwitchNormAct2d(NormActMixin, SyncSparseSwitchNorm2d):
-    __doc__ = _doc(SyncSparseSwitchNorm2d, "SyncSparseSwitchNormAct2d")
+    pass
 
 
 # norm class -> the same norm with drop and act.
