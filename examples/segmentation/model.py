@@ -184,9 +184,10 @@ class ASPP(nn.Module):
             [branch(nn.Conv2d(cin, out_channels, 1, bias=False))]
             + [branch(_conv3x3(cin, out_channels, 1, r)) for r in rates]
         )
-        # The pooled branch works on a 1x1 map: instance statistics over one pixel are
-        # undefined (Switchable Norm's IN scope) and batch statistics over two pooled
-        # vectors per device are noise, so this branch has a bias and no normalization.
+        # The pooled branch works on a 1x1 map, one pooled vector per image: batch
+        # statistics over two such vectors per device are noise (and Switchable Norm's IN
+        # scope over one pixel, mean = x and variance 0, carries no information), so this
+        # branch has a bias and no normalization.
         self.pool = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(cin, out_channels, 1, bias=True),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _native
+from .. import _env, _native
 from .. import functional as F
 from .interface import Backend, BatchMoments, BNSaved, SNGrads, SNMixed, SNStats
 from .reference import sparse_switch_weights, through_sparse_switch
@@ -64,7 +64,7 @@ class CppBackend(Backend):
 
     def unavailable_reason(self) -> str:
         if not _native.enabled():
-            return "SYNCSN_NATIVE=0"
+            return f"SYNCSN_NATIVE={_env.get('SYNCSN_NATIVE')}"
         return "the C++ kernels could not be built (see the warning above)"
 
     def covers(self, x: Tensor, *params: Tensor | None) -> bool:
