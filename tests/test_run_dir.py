@@ -47,9 +47,12 @@ sys.path.insert(0, sys.argv[1])
 import utils
 utils.DirectoryLock(sys.argv[2]).acquire()
 if len(sys.argv) > 3 and os.fork() == 0:
+    # The fork hooks have run by now: the test waits for this line before killing the parent
+    # (one write each, so that the two processes' lines do not interleave).
+    os.write(1, b"forked\\n")
     time.sleep(60)
     os._exit(0)
-print("locked", flush=True)
+os.write(1, b"locked\\n")
 time.sleep(60)
 """
 
@@ -60,7 +63,8 @@ def _hold(directory: Path, fork: bool = False) -> subprocess.Popen:
         ["fork"] if fork else []
     )
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    assert proc.stdout.readline() == "locked\n"
+    expected = {"locked\n", "forked\n"} if fork else {"locked\n"}
+    assert {proc.stdout.readline() for _ in expected} == expected
     return proc
 
 
