@@ -60,18 +60,21 @@ def make_act(
     return act_layer(**kwargs)
 
 
-class NormActMixin(nn.Module):
-    """``drop`` then ``act`` after the norm's own forward, with timm's keyword arguments.
-
-    Keyword arguments (the rest go to the norm):
-        apply_act: use ``act_layer``; False: no activation. Default: True
+_ACT_ARGS = """        apply_act: use ``act_layer``; False: no activation. Default: True
         act_layer: the activation's class (or a callable returning a module); None: none.
             Default: ``nn.ReLU``
         act_kwargs: keyword arguments for ``act_layer``. Default: None
         inplace: pass ``inplace=True`` to ``act_layer``. Default: True
         drop_layer: a callable returning the drop module (timm's ``DropBlock2d``, say) applied
             before the activation; None: none. Default: None
-    """
+"""
+
+
+class NormActMixin(nn.Module):
+    __doc__ = (
+        "``drop`` then ``act`` after the norm's own forward, with timm's keyword arguments.\n\n"
+        "    Keyword arguments (the rest go to the norm):\n" + _ACT_ARGS
+    )
 
     drop: nn.Module
     act: nn.Module
@@ -92,16 +95,6 @@ class NormActMixin(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.drop(super().forward(x)))
-
-
-_ACT_ARGS = """        apply_act: use ``act_layer``; False: no activation. Default: True
-        act_layer: the activation's class (or a callable returning a module); None: none.
-            Default: ``nn.ReLU``
-        act_kwargs: keyword arguments for ``act_layer``. Default: None
-        inplace: pass ``inplace=True`` to ``act_layer``. Default: True
-        drop_layer: a callable returning the drop module (timm's ``DropBlock2d``, say) applied
-            before the activation; None: none. Default: None
-"""
 
 
 def _described(cls: type[NormActMixin]) -> type[NormActMixin]:
