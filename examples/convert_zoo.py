@@ -409,6 +409,11 @@ class Result:
     def ok(self) -> bool:
         return all(v in PASSED for v in self.checks.values())
 
+    @property
+    def skipped(self) -> list[str]:
+        """The checks that were not run (``--no-compile``)."""
+        return [check for check, outcome in self.checks.items() if outcome == "skipped"]
+
 
 def seeded(fn: Callable[[], nn.Module], seed: int) -> nn.Module:
     torch.manual_seed(seed)
@@ -823,16 +828,30 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
         lines += [""] + [f"- {m}: {n}" for m, n in notes]
     lines += ["", *summary(results)]
     failed = sum(not r.ok for r in results)
-    lines += ["", f"{len(results) - failed} of {len(results)} cases passed every check."]
+    partial = sum(r.ok and bool(r.skipped) for r in results)
+    lines += [
+        "",
+        f"{len(results) - failed - partial} of {len(results)} cases passed every check"
+        + (f"; {partial} passed every check that ran, with some skipped." if partial else "."),
+    ]
     return "\n".join(lines)
 
 
+def verdict_mark(result: Result) -> str:
+    if not result.ok:
+        return "✗"
+    if result.skipped:  # passed only what ran: not a ✓
+        return " ".join(result.skipped) + " skipped"
+    return "✓"
+
+
 def summary(results: list[Result]) -> list[str]:
-    """One row per model, one column per conversion: every check passed (✓) or not (✗)."""
+    """One row per model, one column per conversion: every check passed (✓), some were
+    skipped and the others passed ("compile skipped"), or one failed (✗); then the legend."""
     conversions = list(dict.fromkeys(r.conversion for r in results))
     models: dict[tuple[str, str], dict[str, str]] = {}
     for r in results:
-        models.setdefault((r.client, r.model), {})[r.conversion] = "✓" if r.ok else "✗"
+        models.setdefault((r.client, r.model), {})[r.conversion] = verdict_mark(r)
     lines = [
         "| client | model | " + " | ".join(conversions) + " |",
         "|---|---|" + "---|" * len(conversions),
@@ -840,6 +859,12 @@ def summary(results: list[Result]) -> list[str]:
     for (client, model), marks in models.items():
         cells = [marks.get(c, "") for c in conversions]
         lines.append(f"| {client} | {model} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        '✓: every check passed; ✗: one failed (see the table above); "compile skipped": '
+        "every other check passed, torch.compile was not checked (--no-compile); empty: not "
+        "part of the run.",
+    ]
     return lines
 
 

@@ -19,13 +19,16 @@ Rules shared by all of them:
   syncsn norm-act layers with the same ``act`` and ``drop`` modules), and subclasses of these
   that add nothing (no overridden ``forward`` or other behaviour, no extra state, no forward
   or backward hooks). With ``convert_frozen=True`` also torchvision's, timm's and detectron2's
-  ``FrozenBatchNorm2d`` and timm's ``FrozenBatchNormAct2d``, from their statistics.
+  ``FrozenBatchNorm2d`` and timm's ``FrozenBatchNormAct2d`` (and their subclasses that add
+  nothing), from their statistics.
 - A norm layer the converter does not convert (one that adds something, say an activation
   fused into the norm, which converting would silently strip; a frozen BatchNorm) is left as
   it is; one warning per call lists them, with the reason, at the caller's line.
 - ``exclude`` leaves chosen modules alone, and everything inside them, without a warning:
-  qualified names or glob patterns (``"aspp.pool.*"``), module classes, or a predicate
-  ``f(name, module) -> bool``, or a list of these.
+  qualified names or glob patterns (``"aspp.pool.*"``), module classes, modules of the model
+  themselves (by identity: ``exclude=model.head``), or a predicate ``f(name, module) -> bool``,
+  or a list of these. A module used at several places is left alone when any of its names is
+  excluded.
 - The new layer reuses the old one's Parameters (the same objects, so optimizers and
   ``requires_grad`` carry over), running-statistics buffers (the same tensors), child modules
   (a norm-act layer's ``act`` and ``drop``) and state-dict hooks, and takes its eps, momentum,
@@ -108,8 +111,9 @@ __all__ = [
 
 Init = Literal["uniform", "bn"]
 
-#: What ``exclude`` takes: a qualified module name or glob pattern, a module class, a
-#: predicate ``f(name, module) -> bool``, or an iterable of these.
+#: What ``exclude`` takes: a qualified module name or glob pattern, a module class, a module
+#: of the model (by identity), a predicate ``f(name, module) -> bool``, or an iterable of
+#: these.
 Exclude = str | type | Callable[[str, nn.Module], bool] | Iterable[Any] | None
 
 # init="bn" sets the switch logits to (0, ..., 0, gap), BN entry last, for the means and the
@@ -218,7 +222,9 @@ def convert_sync_switchnorm(
             Default: False
         exclude: (keyword-only) modules to leave alone, with everything inside them:
             qualified names or glob patterns (``"aspp.pool.*"``, ``"backbone.*"``), module
-            classes, predicates ``f(name, module) -> bool``, or a list of these.
+            classes, modules of the model (by identity, never called: ``model.head``),
+            predicates ``f(name, module) -> bool``, or a list of these. A module used at
+            several places is left alone when any of its names is excluded.
         convert_frozen: (keyword-only) also convert ``FrozenBatchNorm2d`` layers
             (torchvision's, timm's, detectron2's) and timm's ``FrozenBatchNormAct2d``: the new
             layer starts from their running statistics, weight and bias, and is trainable
@@ -422,7 +428,8 @@ def _convert(
     nothing to make of them). The norm layers left alone that ``concerns`` the converter (the
     kind it would convert, were they plain) are listed in one warning."""
     _check_module(module, converter)
-    excluded = _Exclusion(exclude)
+    exclusion = _Exclusion(exclude)
+    kept = exclusion.kept(module)
     left_alone: list[str] = []
     done: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(old) -> (old, new); old kept alive
 
@@ -430,7 +437,7 @@ def _convert(
         if id(layer) in done:
             return done[id(layer)][1]
         new = layer
-        skip = excluded(name, layer)
+        skip = id(layer) in kept
         if not skip:
             found = _recognise(layer, convert_frozen)
             if isinstance(found, str):
@@ -452,7 +459,7 @@ def _convert(
         return new
 
     result = comm.name_sync_layers(visit(module, ""))
-    _warn_left_alone(converter, left_alone, excluded.unmatched())
+    _warn_left_alone(converter, left_alone, exclusion.unmatched(), exclusion.strangers())
     return result
 
 
@@ -469,39 +476,60 @@ def _synchronized(layer: nn.Module) -> bool:
 
 
 class _Exclusion:
-    """``exclude`` as a test of (qualified name, module); remembers which names matched."""
+    """``exclude`` as a test of (qualified name, module); remembers what matched."""
 
     def __init__(self, exclude: Exclude) -> None:
         items: list[Any]
         if exclude is None:
             items = []
-        elif isinstance(exclude, (str, type)) or not isinstance(exclude, Iterable):
+        elif isinstance(exclude, (str, type, nn.Module)) or not isinstance(exclude, Iterable):
+            # A module before the iterables: a container module is one module to exclude.
             items = [exclude]
         else:
             items = list(exclude)
         for item in items:
-            if not (isinstance(item, (str, type)) or callable(item)):
+            if not (isinstance(item, (str, type, nn.Module)) or callable(item)):
                 raise TypeError(
                     f"exclude takes module names or glob patterns (str), module classes, "
-                    f"predicates f(name, module) -> bool, or a list of these; got "
-                    f"{type(item).__name__} {item!r}"
+                    f"modules of the model, predicates f(name, module) -> bool, or a list of "
+                    f"these; got {type(item).__name__} {item!r}"
                 )
         self.patterns = [item for item in items if isinstance(item, str)]
         self.classes = tuple(item for item in items if isinstance(item, type))
-        self.predicates = [item for item in items if not isinstance(item, (str, type))]
+        # Modules are callable too: they are excluded by identity, never called.
+        self.modules = [item for item in items if isinstance(item, nn.Module)]
+        self.predicates = [i for i in items if not isinstance(i, (str, type, nn.Module))]
         self.used: set[str] = set()
+        self.found: set[int] = set()
 
     def __call__(self, name: str, module: nn.Module) -> bool:
         hits = [p for p in self.patterns if fnmatch.fnmatchcase(name, p)]
         self.used.update(hits)
+        mine = [m for m in self.modules if m is module]
+        self.found.update(map(id, mine))
         return bool(
             hits
+            or mine
             or (self.classes and isinstance(module, self.classes))
             or any(predicate(name, module) for predicate in self.predicates)
         )
 
+    def kept(self, root: nn.Module) -> set[int]:
+        """The ids of the modules of ``root`` to keep as they are: those excluded under any
+        of their names (a module may sit at several places), and everything inside them."""
+        kept: set[int] = set()
+        for name, module in root.named_modules(remove_duplicate=False):
+            if self(name, module):  # every name, so that every pattern is tried
+                kept.update(id(m) for m in module.modules())
+        return kept
+
     def unmatched(self) -> list[str]:
+        """The patterns that matched no name."""
         return [p for p in self.patterns if p not in self.used]
+
+    def strangers(self) -> list[str]:
+        """The classes of the modules given that are not in the model."""
+        return [type(m).__name__ for m in self.modules if id(m) not in self.found]
 
 
 def _check_module(module: object, converter: str) -> None:
@@ -531,7 +559,9 @@ def _ddp_message(converter: str, name: str) -> str:
     )
 
 
-def _warn_left_alone(converter: str, left_alone: list[str], unmatched: list[str]) -> None:
+def _warn_left_alone(
+    converter: str, left_alone: list[str], unmatched: list[str], strangers: list[str]
+) -> None:
     """One warning for the whole call, at the first caller outside syncsn."""
     lines = []
     if left_alone:
@@ -544,6 +574,11 @@ def _warn_left_alone(converter: str, left_alone: list[str], unmatched: list[str]
         lines.append(
             f"{converter}: exclude pattern(s) {', '.join(map(repr, unmatched))} matched no "
             "module (names are qualified, as model.named_modules() gives them)."
+        )
+    if strangers:
+        lines.append(
+            f"{converter}: exclude module(s) {', '.join(strangers)} are not part of the model "
+            "(modules are matched by identity: pass the model's own, not a copy)."
         )
     if not lines:
         return
@@ -579,10 +614,17 @@ def _recognise(layer: nn.Module, convert_frozen: bool | None) -> Recognised:
     A frozen BatchNorm (``convert_frozen``) is returned as a trainable BatchNorm built from
     its statistics; a foreign norm-act layer stands for its syncsn twin.
     """
-    frozen_as = _FROZEN.get(_foreign_key(type(layer)))
-    if frozen_as is not None:
+    mro = type(layer).__mro__
+    advice = "; converting it could drop behaviour the new layer does not have"
+    frozen = next(((c, _FROZEN[_foreign_key(c)]) for c in mro if _foreign_key(c) in _FROZEN), None)
+    if frozen is not None:
+        frozen_class, frozen_as = frozen
         if convert_frozen is None:
             return None
+        if type(layer) is not frozen_class:
+            reason = _added_behaviour(layer, frozen_class, frozen_class)
+            if reason is not None:
+                return reason + advice
         if not convert_frozen:
             return (
                 "its statistics and affine parameters are frozen; convert_frozen=True "
@@ -597,7 +639,7 @@ def _recognise(layer: nn.Module, convert_frozen: bool | None) -> Recognised:
     known = _known_classes()
     base: type | None = None
     stands_for: type | None = None
-    for cls in type(layer).__mro__:
+    for cls in mro:
         if cls in known:
             base = stands_for = cls
             break
@@ -606,7 +648,6 @@ def _recognise(layer: nn.Module, convert_frozen: bool | None) -> Recognised:
             break
     if any(nn.parameter.is_lazy(t) for t in _tensors(layer)):
         return "its parameters are not materialized yet; run one forward pass first"
-    advice = "; converting it could drop behaviour the new layer does not have"
     if base is None or stands_for is None:
         return "its class is not one the converters know" + advice
     reason = _added_behaviour(layer, base, stands_for)
@@ -679,8 +720,10 @@ def _state_names(layer: nn.Module) -> set[str]:
 
 @functools.cache
 def _state_names_of(cls: type) -> frozenset[str]:
-    """The instance state a plain ``cls`` has, from throwaway instances on the meta device."""
-    names = _state_names(cls(2, device="meta"))
+    """The instance state a plain ``cls`` has, from throwaway instances (on the meta device
+    where ``cls`` takes one: other libraries' frozen BatchNorms take no device)."""
+    build: Callable[..., nn.Module] = cls
+    names = _state_names(build(2, device="meta") if issubclass(cls, _BatchNorm) else build(2))
     if issubclass(cls, _SwitchNorm):
         names |= _state_names(cls(2, using_bn=False, device="meta"))
     return frozenset(names)

@@ -31,6 +31,11 @@ Registering also makes mmengine's ``convert_sync_batchnorm`` (the runner's ``syn
 option) keep syncsn's layers: syncsn's layers are ``_BatchNorm`` instances, and it would
 otherwise replace them, switchable ones included, by ``torch.nn.SyncBatchNorm``.
 
+mmcv's ``fuse_conv_bn`` folds every ``_BatchNorm`` that follows a Conv2d into it. For a
+switchable layer that gives a silently wrong model, so it raises a ValueError for one
+instead, before changing anything (see :func:`syncsn._torch_compat.check_fusable`; the hook
+also watches ``mmcv.cnn.utils.fuse_conv_bn``).
+
 Nothing happens when mmengine is not installed (the hook never fires);
 :func:`register_mmengine` then raises.
 """
@@ -51,7 +56,7 @@ from torch import nn
 
 from . import sparse_switchnorm as ssn
 from . import switchnorm as sn
-from ._torch_compat import SYNCSN_LAYERS
+from ._torch_compat import SYNCSN_LAYERS, check_fusable
 from .batchnorm import SyncBatchNorm
 
 __all__ = ["MMENGINE_NAMES", "SCOPE", "register_mmengine"]
@@ -82,6 +87,8 @@ _MARK = "_syncsn_wraps"
 # Where mmengine defines its registries and its SyncBatchNorm converter.
 _REGISTRY_MODULE = "mmengine.registry"
 _CONVERTER_MODULE = "mmengine.model.utils"
+# Where mmcv defines fuse_conv_bn.
+_FUSION_MODULE = "mmcv.cnn.utils.fuse_conv_bn"
 
 
 def register_mmengine(force: bool = False) -> None:
@@ -171,6 +178,53 @@ def _keep_layers_in_mmengine_converter(utils: ModuleType) -> None:
             setattr(place, "convert_sync_batchnorm", convert_sync_batchnorm)  # noqa: B010
 
 
+def _refuse_switchable_in_mmcv_fusion(fusion: ModuleType) -> None:
+    """Make mmcv's fuse_conv_bn (module ``fusion``) refuse switchable layers: the public
+    function checks every layer it would fuse before fusing any (it changes the model in
+    place), its helper ``_fuse_conv_bn`` checks the layer it is given."""
+    original, helper = fusion.fuse_conv_bn, fusion._fuse_conv_bn
+    if hasattr(original, _MARK):
+        return
+
+    @functools.wraps(original)
+    def fuse_conv_bn(module: nn.Module) -> nn.Module:
+        for layer in _mmcv_fused_layers(module):
+            check_fusable(layer, "mmcv.cnn.fuse_conv_bn")
+        return original(module)
+
+    @functools.wraps(helper)
+    def _fuse_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
+        check_fusable(bn, "mmcv.cnn.fuse_conv_bn")
+        return helper(conv, bn)
+
+    setattr(fuse_conv_bn, _MARK, original)
+    setattr(_fuse_conv_bn, _MARK, helper)
+    setattr(fusion, "_fuse_conv_bn", _fuse_conv_bn)  # noqa: B010
+    # The original recurses through the module's global name, so it reaches the wrapper for
+    # the children too (which checks them again: cheap, and before any change).
+    for place in [fusion] + [sys.modules.get(name) for name in ("mmcv.cnn.utils", "mmcv.cnn")]:
+        if place is not None and getattr(place, "fuse_conv_bn", None) is original:
+            setattr(place, "fuse_conv_bn", fuse_conv_bn)  # noqa: B010
+
+
+def _mmcv_fused_layers(module: nn.Module) -> list[nn.Module]:
+    """The norm layers mmcv's fuse_conv_bn(module) folds, found as it walks: a
+    ``_BatchNorm`` child after a Conv2d child (other children in between are walked into
+    and do not reset the Conv2d)."""
+    found: list[nn.Module] = []
+    last_conv = None
+    for child in dict(module.named_children()).values():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            if last_conv is not None:
+                found.append(child)
+                last_conv = None
+        elif isinstance(child, nn.Conv2d):
+            last_conv = child
+        else:
+            found += _mmcv_fused_layers(child)
+    return found
+
+
 # --- registering when mmengine is imported after syncsn ------------------------------------
 
 
@@ -222,15 +276,20 @@ class _ImportHook(importlib.abc.MetaPathFinder):
 
 
 def _never_raises(action: Callable[[ModuleType], None]) -> Callable[[ModuleType], None]:
-    """The action, its failure turned into a warning: it must not break mmengine's import."""
+    """The action, its failure turned into a warning: it must not break the import."""
 
     def run(module: ModuleType) -> None:
         try:
             action(module)
         except Exception as error:  # noqa: BLE001 - an optional integration
+            how = (
+                "call syncsn.integrations.register_mmengine() to see why"
+                if module.__name__.startswith("mmengine")
+                else f"syncsn's layers are not protected from {module.__name__}"
+            )
             warnings.warn(
-                f"syncsn: could not register the layers in mmengine ({type(error).__name__}: "
-                f"{error}); call syncsn.integrations.register_mmengine() to see why",
+                f"syncsn: could not register its layers in or adjust {module.__name__} "
+                f"({type(error).__name__}: {error}); {how}",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -239,7 +298,8 @@ def _never_raises(action: Callable[[ModuleType], None]) -> Callable[[ModuleType]
 
 
 def _install() -> None:
-    """Register now if mmengine's registries exist, else when they are imported."""
+    """Register now if mmengine's registries exist, else when they are imported; the same
+    for the mmengine converter and mmcv's fusion."""
     if not any(isinstance(finder, _ImportHook) for finder in sys.meta_path):
         sys.meta_path.insert(
             0,
@@ -247,6 +307,7 @@ def _install() -> None:
                 {
                     _REGISTRY_MODULE: _register_names,
                     _CONVERTER_MODULE: _keep_layers_in_mmengine_converter,
+                    _FUSION_MODULE: _refuse_switchable_in_mmcv_fusion,
                 }
             ),
         )
@@ -256,6 +317,9 @@ def _install() -> None:
     converters = sys.modules.get(_CONVERTER_MODULE)
     if converters is not None:
         _never_raises(_keep_layers_in_mmengine_converter)(converters)
+    fusion = sys.modules.get(_FUSION_MODULE)
+    if fusion is not None:
+        _never_raises(_refuse_switchable_in_mmcv_fusion)(fusion)
 
 
 _install()

@@ -8,8 +8,14 @@ same for each of syncsn's norms: the norm's parameters, buffers and state dict, 
 
 The converters turn timm's ``BatchNormAct2d`` / ``SyncBatchNormAct`` into these (the
 activation and drop modules are moved over, the same objects), and :func:`syncsn.revert_sync`
-turns the synchronized ones into their local twins. They take timm's norm-act keyword
-arguments, so code that builds a norm-act layer from a class can be given one of these::
+turns the synchronized ones into their local twins. For a timm model, build the model with
+timm, then convert it: timm's factories do not take these classes
+(``timm.create_model(..., norm_layer=syncsn.SwitchNormAct2d)`` fails in timm's
+``get_norm_act_layer``, and wrapping one in a partial loses the ``act_layer`` timm passes)::
+
+    >>> model = syncsn.convert_sync_switchnorm(timm.create_model("efficientnet_b0"))
+
+They take timm's norm-act keyword arguments, so they can be built directly::
 
     >>> layer = syncsn.SyncSwitchNormAct2d(64, act_layer=nn.SiLU, drop_layer=None)
 """

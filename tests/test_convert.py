@@ -515,6 +515,49 @@ def test_exclude_of_the_wrong_kind_is_refused(bad) -> None:
         convert_switchnorm(head_model(), exclude=bad)
 
 
+def test_exclude_takes_modules_by_identity() -> None:
+    """A module is callable and a container is iterable: neither is taken for predicates.
+    The module itself and everything inside it are left alone, alone or in a list; a module
+    that is not part of the model is reported."""
+    for wrap in (lambda m: m, lambda m: [m]):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)),
+        )
+        inner = model[2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = convert_switchnorm(model, exclude=wrap(inner))
+        assert out[2] is inner and type(inner[1]) is nn.BatchNorm2d
+        assert type(out[1]) is syncsn.SwitchNorm2d
+    stranger = nn.Sequential(nn.BatchNorm2d(4))
+    with pytest.warns(
+        UserWarning, match=r"exclude module\(s\) Sequential are not part of the model"
+    ):
+        out = convert_switchnorm(head_model(), exclude=stranger)
+    assert converted_names(out) == ALL_NORMS and type(stranger[0]) is nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("convert", [convert_sync_switchnorm, convert_switchnorm])
+def test_a_shared_module_excluded_under_any_of_its_names_stays(convert) -> None:
+    """A layer at two places is one layer: excluded under its second name, it stays at both
+    (and whatever is inside an excluded module stays, even where it is also seen elsewhere)."""
+    shared = nn.BatchNorm2d(4)
+    for excluded in ("a", "b", "b.0"):
+        model = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared), "c": nn.BatchNorm2d(4)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = convert(model, exclude=excluded)
+        assert out["a"] is out["b"][0] is shared, excluded
+        assert isinstance(out["c"], syncsn.switchnorm._SwitchNorm)
+    block = nn.Sequential(shared)
+    model = nn.ModuleDict({"block": block, "a": shared})
+    out = convert(model, exclude="block")
+    assert out["a"] is out["block"][0] is shared
+
+
 @pytest.mark.parametrize(
     "convert", [convert_sync_switchnorm, convert_switchnorm, convert_sync_batchnorm, revert_sync]
 )

@@ -264,6 +264,45 @@ def test_frozen_batchnorm_converted_on_request(cls) -> None:
     assert sn[1].weight.grad is not None and sn[1].mean_weight.grad is not None
 
 
+class PlainFrozen(FrozenBatchNorm2d):
+    """A subclass that adds nothing: a frozen BatchNorm all the same."""
+
+
+class ClampedFrozen(FrozenBatchNorm2d):
+    """A subclass that adds behaviour, which converting would drop."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).clamp(min=0)
+
+
+def test_subclasses_of_frozen_batchnorms_are_named_or_converted() -> None:
+    """A plain subclass is a frozen BatchNorm (left alone with its reason, or converted on
+    request); one that overrides forward is listed for what it adds, even on request."""
+    with pytest.warns(UserWarning) as record:
+        out = syncsn.convert_sync_switchnorm(frozen_model(PlainFrozen))
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "layer '1' (PlainFrozen): its statistics" in message and "convert_frozen" in message
+    assert type(out[1]) is PlainFrozen
+    model = frozen_model(PlainFrozen)
+    x = torch.randn(2, 3, 8, 8)
+    want = model.eval()(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = syncsn.convert_sync_batchnorm(model, convert_frozen=True)
+    assert type(out[1]) is syncsn.SyncBatchNorm
+    assert torch.allclose(out.eval()(x), want, atol=1e-6)
+    for convert_frozen in (False, True):
+        with pytest.warns(UserWarning) as record:
+            out = syncsn.convert_switchnorm(
+                frozen_model(ClampedFrozen), convert_frozen=convert_frozen
+            )
+        assert len(record) == 1
+        message = str(record[0].message)
+        assert "layer '1' (ClampedFrozen): its class ClampedFrozen defines forward" in message
+        assert type(out[1]) is ClampedFrozen and type(out[2]) is syncsn.SwitchNorm2d
+
+
 # --- one warning per call -------------------------------------------------------------------
 
 

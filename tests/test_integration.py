@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import re
@@ -154,9 +155,11 @@ def test_ddp_cpu_check_exempts_only_syncsn_layers() -> None:
 def test_patches_are_installed_once() -> None:
     converter = nn.SyncBatchNorm.convert_sync_batchnorm
     check = DistributedDataParallel._passing_sync_batchnorm_handle
+    fuse = torch.nn.utils.fusion.fuse_conv_bn_eval
     syncsn._torch_compat.install()
     assert nn.SyncBatchNorm.convert_sync_batchnorm.__func__ is converter.__func__
     assert DistributedDataParallel._passing_sync_batchnorm_handle is check
+    assert torch.nn.utils.fusion.fuse_conv_bn_eval is fuse is torch.nn.utils.fuse_conv_bn_eval
 
 
 # --- the switchable layers as _BatchNorm layers ----------------------------------------------
@@ -250,6 +253,112 @@ def test_swa_update_bn_recomputes_switchable_statistics() -> None:
     assert torch.allclose(layer.running_mean, expected_mean, rtol=1e-10, atol=1e-12)
     assert torch.allclose(layer.running_var, expected_var, rtol=1e-10, atol=1e-12)
     assert layer.momentum == 0.1 and int(layer.num_batches_tracked) == 3
+
+
+# --- fusing convolution and normalization ---------------------------------------------------
+
+
+def settled_on_bn(layer: nn.Module) -> nn.Module:
+    """An SSN layer whose means and variances are frozen on BN, loaded as from a checkpoint,
+    with random affine parameters and running statistics."""
+    state = layer.state_dict()
+    bn = torch.tensor(layer.scopes.index("bn"))
+    state.update(frozen_mean=bn, frozen_var=bn)
+    layer.load_state_dict(state)
+    return randomized(layer)
+
+
+def randomized(layer: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(layer, name).copy_(torch.randn(layer.num_features, generator=g))
+        layer.running_var.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
+    return layer.eval()
+
+
+def conv_norm(norm: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, norm.num_features, 3), norm).eval()
+
+
+# A layer whose output depends on each input's IN / LN statistics: never fused.
+UNFUSABLE = [
+    lambda: syncsn.SwitchNorm2d(4),
+    lambda: syncsn.SyncSwitchNorm2d(4),
+    lambda: syncsn.SparseSwitchNorm2d(4),  # not frozen
+    lambda: syncsn.SwitchNormAct2d(4),
+]
+
+
+@pytest.mark.parametrize("make", UNFUSABLE, ids=lambda f: type(f()).__name__)
+def test_fusing_a_switchable_layer_is_refused(make) -> None:
+    model = conv_norm(randomized(make()))
+    conv, norm = model
+    name = type(norm).__name__
+    for fuse in (torch.nn.utils.fusion.fuse_conv_bn_eval, torch.nn.utils.fuse_conv_bn_eval):
+        with pytest.raises(ValueError, match=rf"fuse_conv_bn_eval: cannot fuse {name}\(4\).*"
+                           r"IN / LN statistics of each input.*Leave it unfused"):  # fmt: skip
+            fuse(conv, norm)
+    linear = nn.Linear(3, 4).eval()
+    for fuse in (torch.nn.utils.fusion.fuse_linear_bn_eval, torch.nn.utils.fuse_linear_bn_eval):
+        with pytest.raises(ValueError, match=r"fuse_linear_bn_eval: cannot fuse .*LN statistics"):
+            fuse(linear, randomized(syncsn.SwitchNorm1d(4)))
+
+
+def test_mmcv_fuse_conv_bn_refuses_a_switchable_layer_before_changing_anything() -> None:
+    cnn = pytest.importorskip("mmcv.cnn")
+    model = nn.Sequential(conv_norm(nn.BatchNorm2d(4)), conv_norm(syncsn.SwitchNorm2d(4)))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"mmcv.cnn.fuse_conv_bn: cannot fuse SwitchNorm2d"):
+        cnn.fuse_conv_bn(model)
+    assert type(model[0][1]) is nn.BatchNorm2d  # the BatchNorm before it is not fused either
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match=r"cannot fuse SparseSwitchNorm2d.*variances on no scope"):
+        sys.modules["mmcv.cnn.utils.fuse_conv_bn"]._fuse_conv_bn(*conv_norm(ssn_on_in()))
+
+
+def ssn_on_in() -> nn.Module:
+    layer = syncsn.SparseSwitchNorm2d(4)
+    state = layer.state_dict()
+    state["frozen_mean"] = torch.tensor(layer.scopes.index("in"))
+    layer.load_state_dict(state)
+    return randomized(layer)
+
+
+FUSABLE = [
+    lambda: nn.BatchNorm2d(4),
+    lambda: syncsn.SyncBatchNorm(4),
+    lambda: settled_on_bn(syncsn.SparseSwitchNorm2d(4)),
+    lambda: settled_on_bn(syncsn.SyncSparseSwitchNorm2d(4)),
+]
+
+
+@pytest.mark.parametrize("make", FUSABLE, ids=lambda f: type(f()).__name__)
+def test_batchnorm_and_ssn_settled_on_bn_fuse_exactly(make) -> None:
+    """torch's and mmcv's fusions give the unfused output (a BatchNorm in eval mode)."""
+    x = torch.randn(2, 3, 9, 9)
+    model = conv_norm(randomized(make()))
+    want = model(x)
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(*model)
+    assert torch.allclose(fused(x), want, atol=1e-5)
+    cnn = pytest.importorskip("mmcv.cnn")
+    fused_model = cnn.fuse_conv_bn(model)
+    assert type(fused_model[1]) is nn.Identity
+    assert torch.allclose(fused_model(x), want, atol=1e-5)
+
+
+def test_fx_and_quantization_fusers_refuse_switchable_layers() -> None:
+    import torch.ao.quantization
+    import torch.fx.experimental.optimization
+
+    model = conv_norm(syncsn.SwitchNorm2d(4))
+    with pytest.raises(torch.fx.proxy.TraceError):  # fx cannot trace the layer
+        torch.fx.experimental.optimization.fuse(model)
+    with pytest.raises(AssertionError, match="did not find fuser method"):
+        torch.ao.quantization.fuse_modules(model, [["0", "1"]])
+    assert type(model[1]) is syncsn.SwitchNorm2d
 
 
 # --- mmengine / mmcv --------------------------------------------------------------------------
@@ -349,9 +458,15 @@ for name in json.loads(sys.argv[2]):
     again = mmengine.registry.MODELS.build(dict(type=name, num_features=8))
     built[name] = [type(layer).__qualname__, type(again).__qualname__]
 kept = mmengine.model.convert_sync_batchnorm(torch.nn.Sequential(syncsn.SwitchNorm2d(4)))
+try:
+    mmcv.cnn.fuse_conv_bn(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), syncsn.SwitchNorm2d(4)))
+    fused = "fused"
+except ValueError:
+    fused = "refused"
 print(json.dumps({
     "built": built,
     "converted": type(kept[0]).__qualname__,
+    "fusion": fused,
     "loader": type(mmengine.registry.__loader__).__qualname__,
 }))
 """
@@ -383,6 +498,8 @@ def test_names_build_whichever_is_imported_first(order: str) -> None:
     assert result["built"] == {name: [cls, cls] for name, cls in expected.items()}
     # mmengine's SyncBatchNorm converter leaves syncsn's layers alone in this order too.
     assert result["converted"] == "SwitchNorm2d"
+    # mmcv's fuse_conv_bn refuses a switchable layer in this order too.
+    assert result["fusion"] == "refused"
     # The import hook leaves mmengine's modules with their own loader.
     assert result["loader"] == "SourceFileLoader"
 
