@@ -135,6 +135,39 @@ def test_a_filesystem_without_locks_is_named_and_the_run_goes_on(tmp_path, monke
     assert out.is_dir()
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_learns_when_rank_0_fails_to_take_the_directory(tmp_path, monkeypatch, rank):
+    # Any failure of rank 0, not only a refusal: the other ranks must not wait in the
+    # broadcast for the whole --dist-timeout.
+    sent = []
+
+    def broadcast(tensor, src):
+        if rank == 0:
+            sent.append(tensor.item())
+        else:
+            tensor.fill_(1.0)  # what rank 0 sends
+
+    class Broken:
+        def __init__(self, directory):
+            pass
+
+        def acquire(self):
+            raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(train.dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(train.dist, "broadcast", broadcast)
+    monkeypatch.setattr(train, "DirectoryLock", Broken)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="unexpected"):
+            train.claim_output_dir(str(tmp_path), torch.device("cpu"))
+        assert sent == [1.0]
+    else:
+        with pytest.raises(SystemExit, match="rank 1: stopped, rank 0 could not take"):
+            train.claim_output_dir(str(tmp_path), torch.device("cpu"))
+
+
 @pytest.mark.timeout(120)
 def test_under_torchrun_every_rank_stops_when_rank_0_is_refused(tmp_path):
     out = tmp_path / "run"
@@ -223,9 +256,44 @@ def test_a_writer_names_its_temporary_files_for_the_clean_up(tmp_path, monkeypat
     assert removed == [] and left == sorted(names)  # its writer (this process) is alive
 
 
+def test_a_writer_never_removes_a_temporary_file_it_did_not_create(tmp_path, monkeypatch):
+    # Another writer's file under the name this one drew (a collision of the random token).
+    theirs = tmp_path / _partial_name("checkpoint.pth", os.getpid())
+    theirs.write_text("another writer's")
+    monkeypatch.setattr(utils, "temporary_path", lambda path: str(theirs))
+    path = tmp_path / "checkpoint.pth"
+    with pytest.raises(OSError) as e:
+        utils.atomic_save({"a": 1}, str(path))
+    assert e.value.errno == errno.EEXIST and e.value.filename == str(path)
+    assert theirs.read_text() == "another writer's" and not path.exists()
+    # Keeping the previous file, by a hard link and by a copy where there are none.
+    path.write_text("old")
+    previous = tmp_path / "checkpoint.pth.prev"
+    for links in (True, False):
+        if not links:
+            monkeypatch.setattr(utils.os, "link", lambda *a: (_ for _ in ()).throw(OSError()))
+        with pytest.raises(OSError) as e:
+            utils._replace_with_link(str(path), str(previous))
+        assert e.value.errno == errno.EEXIST and e.value.filename == str(previous)
+        assert theirs.read_text() == "another writer's" and not previous.exists()
+
+
 # --------------------------------------------------------------------------------------
 # Exact resume at any world size and batch size
 # --------------------------------------------------------------------------------------
+
+
+def _steps_of(samplers: list) -> list[list[int]]:
+    """The samples of each step of a world of samplers (rank r's k-th batch of each rank)."""
+    batches = []
+    for s in samplers:
+        samples = list(s)
+        assert len(samples) == len(s)
+        batches.append([samples[i : i + s.batch_size] for i in range(0, len(s), s.batch_size)])
+    assert len({len(b) for b in batches}) == 1  # every rank takes the same number of steps
+    steps = [sum(step, []) for step in zip(*batches, strict=True)]
+    assert all(len(set(map(len, step))) == 1 for step in zip(*batches, strict=True))
+    return steps
 
 
 @pytest.mark.parametrize("n", [24, 25])
@@ -242,20 +310,65 @@ def test_sampler_positions_are_counts_of_the_global_order(n):
             sampler = utils.ResumableSampler(n, rank, world, batch, seed)
             sampler.set_epoch(epoch)
             assert list(sampler) == list(reference)[: steps * batch]
-            assert len(sampler) == steps * batch
-    # Stopped after `done` samples by one world, resumed by another: every sample of the
-    # order once, up to a tail shorter than one step of the new world.
+            assert len(sampler) == steps * batch and sampler.left_out == 0
+    # Stopped after `done` samples of an epoch that ends at `end`, resumed by another world:
+    # each step trains the next samples of the order, every sample once; all steps are
+    # whole but the last, which takes the leftover split evenly over the ranks, each rank
+    # at least `min_batch` of it; what is left out is fewer than one per rank, or fewer than
+    # `min_batch` per rank.
     order = utils.ResumableSampler(n, 0, 1, 1, seed).order(epoch)
-    for done in (12, 8, 6, 0):  # 3 steps of 2 x 2, 4 of 1 x 2, 2 of 3 x 1, none
-        for new_world, new_batch in ((1, 2), (3, 2), (2, 3), (1, 5)):
-            trained = []
-            for rank in range(new_world):
-                s = utils.ResumableSampler(n, rank, new_world, new_batch, seed)
-                s.set_epoch(epoch, start=done)
-                trained += list(s)
-                assert len(s) == s.steps * new_batch
-            tail = (n - done) % (new_world * new_batch)
-            assert sorted(order[:done] + trained) == sorted(order[: n - tail])
+    for done, end in ((12, 24), (8, 24), (6, 24), (0, 24), (5, 25), (10, 20)):
+        if end > n:
+            continue
+        for new_world, new_batch in ((1, 2), (3, 2), (2, 3), (1, 5), (2, 4), (4, 4)):
+            for min_batch in (1, 2):
+                world = [
+                    utils.ResumableSampler(n, r, new_world, new_batch, seed, min_batch=min_batch)
+                    for r in range(new_world)
+                ]
+                for s in world:
+                    s.set_epoch(epoch, start=done, end=end)
+                position = done
+                for k, step in enumerate(_steps_of(world)):
+                    assert sorted(step) == sorted(order[position : position + len(step)])
+                    position += len(step)
+                    if k < world[0].steps - 1:
+                        assert len(step) == new_world * new_batch
+                    else:
+                        assert len(step) >= new_world * min_batch
+                left = end - position
+                assert left == world[0].left_out >= 0
+                assert left < new_world * min_batch, (done, end, new_world, new_batch)
+
+
+@pytest.mark.parametrize(
+    "n, done, end, world, batch, min_batch, expected",
+    [
+        # (steps, samples of the last step per rank, left out)
+        (24, 6, 24, 1, 4, 2, (5, 2, 0)),  # stopped after 1 x 6, resumed with 1 x 4
+        (24, 6, 24, 2, 4, 1, (3, 1, 0)),  # 2 whole steps, then one of 2 x 1
+        (24, 6, 24, 2, 4, 2, (2, 0, 2)),  # 2 x 1 is too few for a local SN: left out
+        (24, 6, 24, 3, 4, 1, (2, 2, 0)),  # 18 = 12 + 3 x 2
+        (24, 6, 24, 4, 4, 1, (1, 0, 2)),  # 2 left for 4 ranks
+        (25, 5, 25, 2, 3, 1, (4, 1, 0)),  # 20 = 3 x 6 + 2 x 1
+        (25, 5, 25, 3, 3, 1, (2, 0, 2)),  # 20 = 2 x 9 + 2 left for 3 ranks
+        (25, 5, 25, 2, 4, 1, (3, 2, 0)),  # 20 = 2 x 8 + 2 x 2
+        (25, 5, 20, 2, 3, 1, (3, 1, 1)),  # ends where the 1 x 5 run ends: 15 = 2 x 6 + 2 + 1
+        (25, 0, None, 2, 3, 1, (4, 0, 0)),  # a fresh epoch: 24 of 25, as drop_last
+        (24, 24, 24, 2, 3, 1, (0, 0, 0)),  # nothing left
+    ],
+)
+def test_a_resumed_epoch_trains_its_leftover_in_a_last_smaller_step(
+    n, done, end, world, batch, min_batch, expected
+):
+    samplers = [utils.ResumableSampler(n, r, world, batch, 0, min_batch) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(2, start=done, end=end)
+    steps, last, left_out = expected
+    assert (samplers[0].steps, samplers[0].last_batch, samplers[0].left_out) == expected
+    trained = sum((list(s) for s in samplers), [])
+    assert sorted(trained) == sorted(samplers[0].order(2)[done : samplers[0].end - left_out])
+    assert [len(s) for s in samplers] == [(steps - bool(last)) * batch + last] * world
 
 
 # Runs train.py with every training sample it loads and every training loss it computes
@@ -363,6 +476,130 @@ def test_a_mid_epoch_checkpoint_resumes_exactly_at_another_world_size_and_batch_
     assert sorted(samples) == list(range(24))
     rows = _rows(tmp_path / "three")
     assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["lr"] == 0.0
+
+
+@pytest.fixture
+def recording(train_here, monkeypatch):
+    """``recording(out, *flags, stop_after=0)`` runs train.py's main here as train_here does
+    and returns (exit status, the training samples it loaded, the loss of each step); with
+    stop_after, it asks itself to stop (SIGTERM) once it has loaded that many samples."""
+    samples: list[int] = []
+    losses: list[float] = []
+    stop_at = [0]
+
+    class Recorder(train.ResumableSampler):
+        def __iter__(self):
+            for index in super().__iter__():
+                samples.append(index)
+                if len(samples) == stop_at[0]:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield index
+
+    def loss(logits, target, _loss=train.segmentation_loss):
+        value = _loss(logits, target)
+        losses.append(float(value.detach()))
+        return value
+
+    monkeypatch.setattr(train, "ResumableSampler", Recorder)
+    monkeypatch.setattr(train, "segmentation_loss", loss)
+
+    def run(out: Path, *flags: str, stop_after: int = 0):
+        samples.clear()
+        losses.clear()
+        stop_at[0] = stop_after
+        return train_here(out, *flags), list(samples), list(losses)
+
+    return run
+
+
+_BIG = ("--num-train", "24")  # train_here's default is 4 training images
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_an_epoch_resumed_with_another_batch_size_trains_every_image_once(
+    recording, tmp_path, epochs
+):
+    # 24 images, stopped after one step of 6, resumed with 4 a step: 4 whole steps and a
+    # last one of the 2 images left.
+    out = tmp_path / "run"
+    flags = (*_BIG, "--epochs", str(epochs))
+    rc, first, first_losses = recording(out, *flags, "-b", "6", stop_after=6)
+    assert rc == 128 + signal.SIGTERM and len(first) == 6
+    rc, resumed, losses = recording(out, *flags, "-b", "4")
+    assert rc == 0
+    assert sorted(first + resumed[:18]) == list(range(24))
+    assert len(losses) == 5 + 6 * (epochs - 1)
+    rows = _rows(out)
+    images = [6] + [4] * 4 + [2]
+    mean = sum(n * loss for n, loss in zip(images, first_losses + losses[:5], strict=True)) / 24
+    assert rows[0]["train_loss"] == pytest.approx(mean, rel=1e-6)
+    # The schedule: epoch 0 ends at step 6 of the run's 6 x epochs, whatever the resume.
+    args = _resolve_here(*flags, "-b", "4")
+    warmup = round(args.lr_warmup_epochs * 6)
+    factor = utils.lr_factor(6, 6 * epochs, warmup, args.lr_warmup_decay)
+    assert rows[0]["lr"] == pytest.approx(args.lr * factor, rel=1e-6, abs=1e-12)
+    if epochs == 2:
+        assert sorted(resumed[18:]) == list(range(24))
+    assert rows[-1]["lr"] == 0.0 and [r["epoch"] for r in rows] == list(range(epochs))
+
+
+@pytest.mark.timeout(120)
+def test_the_leftover_too_small_for_the_norm_is_named_and_the_schedule_still_ends(
+    recording, tmp_path, capsys
+):
+    # 24 images with 5 a step: the epoch ends after 20. Stopped after 5, resumed with 2 a
+    # step on one process: 7 whole steps, and 1 image left, which the synchronized SN (the
+    # default norm) cannot train alone.
+    out = tmp_path / "run"
+    flags = (*_BIG, "--epochs", "2")
+    rc, first, _ = recording(out, *flags, "-b", "5", stop_after=5)
+    assert rc == 128 + signal.SIGTERM
+    capsys.readouterr()
+    rc, resumed, losses = recording(out, *flags, "-b", "2")
+    assert rc == 0
+    assert len(losses) == 7 + 12 and len(set(first + resumed[:14])) == 19
+    err = capsys.readouterr().err
+    assert (
+        "warning: epoch 0 resumed with 1 x 2 images per step: the last 1 of its 20 images are "
+        "left out of it (1 left after its whole steps: 1 per process for a last, smaller step, "
+        "fewer than the 2 that --norm syncsn trains on)\n"
+    ) in err
+    rows = _rows(out)
+    args = _resolve_here(*flags, "-b", "2")
+    factor = utils.lr_factor(12, 24, round(args.lr_warmup_epochs * 12), args.lr_warmup_decay)
+    assert rows[0]["lr"] == pytest.approx(args.lr * factor, rel=1e-6)
+    assert rows[1]["lr"] == 0.0
+
+
+@pytest.mark.timeout(120)
+def test_a_mid_epoch_checkpoint_of_the_previous_version_resumes(recording, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ("--num-train", "8", "--epochs", "1")
+    rc, first, first_losses = recording(out, *flags, stop_after=4)
+    assert rc == 128 + signal.SIGTERM
+    # What the previous version wrote: no world size, no training set size, no position;
+    # the loss summed over steps.
+    ckpt = utils.load_checkpoint(str(out / "checkpoint.pth"))
+    assert ckpt["step"] == 2
+    for key in ("world_size", "train_images", utils.INTEGRITY_KEY):
+        del ckpt[key]
+    ckpt["partial"] = {"loss_sum": sum(first_losses), "train_time": 1.0}
+    torch.save(ckpt, out / "checkpoint.pth")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="no integrity record"):
+        rc, resumed, losses = recording(out, *flags)
+    assert rc == 0
+    assert sorted(first + resumed) == list(range(8))
+    assert "does not say on how many processes, nor how many training images" in (
+        capsys.readouterr().err
+    )
+    (row,) = _rows(out)
+    assert row["train_loss"] == pytest.approx(sum(first_losses + losses) / 4, rel=1e-6)
+
+
+def _resolve_here(*flags: str):
+    return test_example._resolve(*test_example.HERE_ARGS, *flags)
 
 
 def test_a_mid_epoch_position_of_another_sample_order_is_refused(train_here, tmp_path):
@@ -490,3 +727,62 @@ def test_resume_path_with_nothing_left_to_train_moves_nothing(train_here, tmp_pa
     assert f"--resume {done / 'checkpoint.pth'} already covers 1 epoch(s) of --epochs 1" in message
     assert "raise --epochs" in message and "nothing was moved" in message
     assert _snapshot(out) == before and not (out / "set-aside").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_run_leaves_no_directory_behind(train_here, tmp_path):
+    done = tmp_path / "done"
+    assert train_here(done, "--epochs", "1") == 0
+    resume = ("--resume", str(done / "checkpoint.pth"), "--epochs", "1")
+    # Directories it created (here two levels) go with their lock file.
+    with pytest.raises(SystemExit, match="already covers 1 epoch"):
+        train_here(tmp_path / "new" / "run", *resume)
+    with pytest.raises(SystemExit, match="--test-only needs a checkpoint"):
+        train_here(tmp_path / "new" / "run", "--test-only")
+    assert not (tmp_path / "new").exists()
+    # A directory that was there stays, as it was.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="already covers 1 epoch"):
+        train_here(empty, *resume)
+    assert empty.is_dir() and list(empty.iterdir()) == []
+    # A run that wrote something keeps its directory and lock file.
+    assert train_here(tmp_path / "new" / "run", "--epochs", "1") == 0
+    assert (tmp_path / "new" / "run" / utils.LOCK_FILE).exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_file_that_cannot_be_read_is_reported_as_read_not_written(
+    train_here, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    assert train_here(out, "--epochs", "1") == 0
+    before = _snapshot(out)
+
+    def unreadable(name):
+        def fake_open(path, mode="r", *args, **kwargs):
+            if os.path.basename(path) == name and "r" in mode:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            return open(path, mode, *args, **kwargs)
+
+        return fake_open
+
+    # metrics.jsonl, read when the run continues.
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
+        m.setitem(train.read_jsonl.__globals__, "open", unreadable("metrics.jsonl"))
+        train_here(out, "--epochs", "2")
+    assert str(e.value) == (
+        f"cannot read {out / 'metrics.jsonl'}: Permission denied (EACCES); make it readable or "
+        "pass another --output-dir. Nothing already written there is lost"
+    )
+    # checkpoint.pth, read by torch.load.
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
+        m.setattr(torch.serialization, "open", unreadable("checkpoint.pth"), raising=False)
+        train_here(out, "--epochs", "2")
+    message = str(e.value)
+    assert message.startswith(
+        f"cannot resume: checkpoint {out / 'checkpoint.pth'} cannot be read: Permission denied "
+        "(EACCES)."
+    ), message
+    assert "write" not in message and "damaged" not in message and "\n" not in message
+    assert _snapshot(out) == before

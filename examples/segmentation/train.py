@@ -48,6 +48,7 @@ from utils import (
     Progress,
     ResumableSampler,
     StopRequest,
+    WriteError,
     atomic_save,
     describe_holder,
     ignore_stop_signals,
@@ -266,13 +267,24 @@ def check_numeric_args(args: argparse.Namespace) -> None:
         )
 
 
+def smallest_batch(norm: str, world_size: int) -> int:
+    """The fewest images per process a training step of ``--norm norm`` can take: the BN
+    scope of a switchable norm needs two, in each process for the local ones and over all
+    processes for the synchronized ones."""
+    if norm in _LOCAL_BN_SCOPE:
+        return 2
+    if norm in _SYNC_BN_SCOPE:
+        return -(-2 // world_size)
+    return 1
+
+
 def check_batch(args: argparse.Namespace, world_size: int | None) -> None:
     """Stops before training when the BN scope of a switchable norm would see one image.
     world_size None (not known yet) checks the local norms only."""
     if args.test_only:
         return  # evaluation uses the running statistics
     fixes = "a larger batch (-b 2 or more)"
-    if args.norm in _LOCAL_BN_SCOPE and args.batch_size < 2:
+    if args.norm in _LOCAL_BN_SCOPE and args.batch_size < smallest_batch(args.norm, 1):
         name = _LOCAL_BN_SCOPE[args.norm]
         raise SystemExit(
             f"--norm {args.norm} with -b {args.batch_size}: a local {name} layer takes the "
@@ -282,7 +294,8 @@ def check_batch(args: argparse.Namespace, world_size: int | None) -> None:
             f"image per GPU), {fixes}, or --norm sync{args.norm} (the BN scope over the "
             "images of all processes)"
         )
-    if world_size is not None and args.norm in _SYNC_BN_SCOPE and args.batch_size * world_size < 2:
+    sync = args.norm in _SYNC_BN_SCOPE
+    if sync and world_size is not None and args.batch_size < smallest_batch(args.norm, world_size):
         local = _SYNC_BN_SCOPE[args.norm]
         raise SystemExit(
             f"--norm {args.norm} with -b {args.batch_size} on {world_size} process: the "
@@ -372,14 +385,22 @@ def build_data(args: argparse.Namespace, rank: int, world: int, device: torch.de
         args.dataset, "train", num_samples=args.num_train, **common
     )
     val_set, _ = build_dataset(args.dataset, "val", num_samples=args.num_val, **common)
-    train_sampler = ResumableSampler(len(train_set), rank, world, args.batch_size, args.seed)
+    train_sampler = ResumableSampler(
+        len(train_set),
+        rank,
+        world,
+        args.batch_size,
+        args.seed,
+        min_batch=min(args.batch_size, smallest_batch(args.norm, world)),
+    )
     loader_kw = dict(
         num_workers=args.workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=ignore_stop_signals,
     )
+    # The sampler yields whole batches only, but for the smaller last step of a resumed epoch.
     train_loader = DataLoader(
-        train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True, **loader_kw
+        train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=False, **loader_kw
     )
     # Full-size images of the datasets on disk differ in size: evaluate them one at a time.
     val_batch = args.batch_size if args.dataset == "synthetic" else 1
@@ -458,11 +479,16 @@ class EpochTotals:
     batch size. ``loss_sum`` weighs each step's mean loss by its images, so that
     ``loss_sum / images`` is the epoch's mean even when its steps differ in size (an epoch
     resumed with another world size or batch size).
+
+    ``end`` is where the epoch ends in its order: the samples a fresh epoch of the run that
+    started it trains (whole steps of its world size and batch size), kept through any
+    number of resumes; None until the epoch has started.
     """
 
     loss_sum: float = 0.0
     images: int = 0
     train_time: float = 0.0
+    end: int | None = None
 
     def add_step(self, mean_loss: float, images: int) -> None:
         self.loss_sum += mean_loss * images
@@ -523,19 +549,33 @@ def resumed_totals(
         return EpochTotals()
     partial = dict(ckpt.get("partial") or {})
     saved_args, epoch = ckpt["args"], ckpt["epoch"] + 1
+    this_world = dist.get_world_size() if dist.is_initialized() else 1
+    step_images = saved_args["batch_size"] * ckpt.get("world_size", this_world)
+    saved_images = ckpt.get("train_images", train_images)
     if "images" not in partial:
-        # Written before positions were counted in samples: its world size is unknown.
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        global_batch = saved_args["batch_size"] * world
+        # Written before positions were counted in samples: its world size and training
+        # set size are unknown.
         warn(
             f"checkpoint {path} stopped epoch {epoch} after {ckpt['step']} steps but does not "
-            f"say on how many processes: taken as {world} (this run's) x {saved_args['batch_size']}"
-            " images per step. If it ran on another number of processes, resume it with that "
-            "number, or start the epoch over from the checkpoint written at its start"
+            f"say on how many processes, nor how many training images it had: taken as "
+            f"{this_world} (this run's) x {saved_args['batch_size']} images per step and "
+            f"{train_images} images (this run's). If it ran on another number of processes or "
+            "another training set, resume it with those, or start the epoch over from the "
+            "checkpoint written at its start"
         )
-        partial["loss_sum"] = partial.get("loss_sum", 0.0) * global_batch
-        partial["images"] = ckpt["step"] * global_batch
-    order = (ckpt.get("train_images"), saved_args.get("seed"))
+        partial["loss_sum"] = partial.get("loss_sum", 0.0) * step_images
+        partial["images"] = ckpt["step"] * step_images
+    if partial.get("end") is None:  # where a fresh epoch of the checkpoint's run ends
+        partial["end"] = saved_images // step_images * step_images
+    if partial["images"] > partial["end"]:  # an older checkpoint, taken at the wrong size
+        raise SystemExit(
+            f"checkpoint {path} stopped epoch {epoch} after {ckpt['step']} steps: at "
+            f"{step_images} images per step that would be {partial['images']} images, more "
+            f"than the {partial['end']} of the epoch, so it ran on fewer processes or another "
+            "training set. Resume it with those, or start the epoch over from the checkpoint "
+            "written at its start"
+        )
+    order = (saved_images, saved_args.get("seed"))
     if order != (train_images, args.seed):
         raise SystemExit(
             f"checkpoint {path} stopped epoch {epoch} after {partial['images']} images of the "
@@ -585,8 +625,9 @@ def move_schedules(
     radius: syncsn.RadiusSchedule | None,
     step: int,
 ) -> None:
-    """Puts the learning-rate (and SSN radius) schedules at ``step``: a checkpoint written
-    with another world size or batch size counted its steps in other units."""
+    """Puts the learning-rate (and SSN radius) schedules at ``step`` (a no-op where they are
+    there): an epoch resumed with another world size or batch size has another number of
+    steps left than the checkpoint's schedules count."""
     if lr_scheduler.last_epoch != step:
         lr_scheduler.last_epoch = step
         groups = lr_scheduler.optimizer.param_groups
@@ -629,31 +670,37 @@ _NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 def claim_output_dir(output_dir: str, device: torch.device) -> DirectoryLock | None:
     """Makes ``output_dir`` this run's: rank 0 creates it and takes its lock (held until
     the run ends or the process dies) and every rank learns whether it could, so that when
-    another run holds the directory, or it cannot be written, all ranks stop at once.
-    Returns the lock on rank 0, None elsewhere."""
-    lock, problem = None, ""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            lock = DirectoryLock(output_dir)
-            lock.acquire()
-        except DirectoryInUse as e:
-            lock, problem = None, _in_use(output_dir, e.holder)
-        except OSError as e:
-            lock = None
-            if e.errno in _NO_LOCKS:
-                warn(
-                    f"cannot lock {e.filename}: {e.strerror}. The filesystem of --output-dir has "
-                    "no file locks (Lustre: mount it with -o flock), so a second run started "
-                    "in this directory would not be stopped; this one goes on"
+    another run holds the directory, it cannot be written, or rank 0 fails in any other way,
+    all ranks stop at once. Returns the lock on rank 0, None elsewhere."""
+    lock, problem, claimed = None, "", False
+    try:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            try:
+                lock = DirectoryLock(output_dir)
+                lock.acquire()
+            except DirectoryInUse as e:
+                lock, problem = None, _in_use(output_dir, e.holder)
+            except OSError as e:
+                lock = None
+                if e.errno in _NO_LOCKS:
+                    warn(
+                        f"cannot lock {e.filename}: {e.strerror}. The filesystem of --output-dir "
+                        "has no file locks (Lustre: mount it with -o flock), so a second run "
+                        "started in this directory would not be stopped; this one goes on"
+                    )
+                else:
+                    problem = output_error(e, output_dir) or f"--output-dir {output_dir}: {e}"
+        claimed = not problem
+    finally:
+        # Also when rank 0 raised: the other ranks would otherwise wait in the broadcast
+        # for the whole --dist-timeout.
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            refused = torch.tensor([float(not claimed)], device=device)
+            dist.broadcast(refused, 0)
+            if dist.get_rank() != 0 and refused.item():
+                raise SystemExit(
+                    f"rank {dist.get_rank()}: stopped, rank 0 could not take {output_dir}"
                 )
-            else:
-                problem = output_error(e, output_dir) or f"--output-dir {output_dir}: {e}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        refused = torch.tensor([float(bool(problem))], device=device)
-        dist.broadcast(refused, 0)
-        if dist.get_rank() != 0 and refused.item():
-            raise SystemExit(f"rank {dist.get_rank()}: stopped, rank 0 could not take {output_dir}")
     if problem:
         raise SystemExit(problem)
     return lock
@@ -670,14 +717,21 @@ def _in_use(output_dir: str, holder: dict) -> str:
 
 def output_error(e: OSError, output_dir: str) -> str | None:
     """One line for an OSError on a file of --output-dir (disk full, read-only, not a
-    directory): the path, the cause and what to do. None for errors elsewhere."""
+    directory, unreadable): whether reading or writing it failed, the path, the cause and
+    what to do. None for errors elsewhere."""
     path = e.filename
     if path is None:
         return None
     inside = os.path.realpath(path) + os.sep
     if not inside.startswith(os.path.realpath(output_dir) + os.sep):
         return None
-    cause = e.strerror or str(e)
+    cause = f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})"
+    if not isinstance(e, WriteError):
+        if e.errno in (errno.EACCES, errno.EPERM):
+            fix = "make it readable or pass another --output-dir"
+        else:
+            fix = "check the file and its disk, or pass another --output-dir"
+        return f"cannot read {path}: {cause}; {fix}. Nothing already written there is lost"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free space there or pass another --output-dir"
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -686,10 +740,7 @@ def output_error(e: OSError, output_dir: str) -> str | None:
         fix = "a file stands where a directory is needed: pass another --output-dir"
     else:
         fix = "check that --output-dir can be written, or pass another"
-    return (
-        f"cannot write {path}: {cause} ({errno.errorcode.get(e.errno, e.errno)}); {fix}. "
-        "Nothing already written there is lost"
-    )
+    return f"cannot write {path}: {cause}; {fix}. Nothing already written there is lost"
 
 
 def write_eval(output_dir: str, result: dict) -> None:
@@ -827,17 +878,27 @@ def train_one_epoch(
     """Trains ``epoch``; a resumed one from the position in ``totals`` (the images of the
     epoch's order trained before), whatever world size and batch size trained those.
 
+    The learning-rate (and SSN radius) schedules count this run's steps as if every epoch
+    had been trained with this world size and batch size: the epoch starts so many steps
+    before step ``(epoch + 1) * steps_per_epoch`` as it has left, so that it ends there
+    whatever a resume left of it, and the last epoch ends the schedules.
+
     Returns (steps done in the epoch, counted in this run's steps; whether the ranks stopped
     early on a signal; the epoch's totals including those of ``totals``).
     """
     model.train()
     totals = EpochTotals(**asdict(totals)) if totals is not None else EpochTotals()
-    data.train_sampler.set_epoch(epoch, start=totals.images)
-    step_images = args.batch_size * (dist.get_world_size() if dist.is_initialized() else 1)
-    first_step = totals.images // step_images
+    sampler = data.train_sampler
+    sampler.set_epoch(epoch, start=totals.images, end=totals.end)
+    totals.end = sampler.end
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if sampler.left_out:
+        warn(left_out_description(sampler, epoch, args.norm))
+    move_schedules(lr_scheduler, radius, max(0, (epoch + 1) * data.steps_per_epoch - sampler.steps))
+    first_step = totals.images // sampler.step_size
     progress = Progress(
         f"epoch {epoch}/{args.epochs - 1}",
-        first_step + data.train_sampler.steps,
+        first_step + sampler.steps,
         first_step,
         (args.epochs - 1 - epoch) * data.steps_per_epoch,
         args.print_freq,
@@ -865,13 +926,37 @@ def train_one_epoch(
             raise FloatingPointError(
                 f"non-finite training loss at epoch {epoch}, step {step}: lower --lr"
             )
-        totals.add_step(mean_loss, step_images)
+        totals.add_step(mean_loss, image.shape[0] * world)
         progress.update(loss=mean_loss, lr=optimizer.param_groups[0]["lr"])
         if stopped:
             break
     progress.close()
     totals.train_time += time.perf_counter() - t0
     return step, stopped, totals
+
+
+def left_out_description(sampler: ResumableSampler, epoch: int, norm: str) -> str:
+    """Why the last images of a resumed epoch are not trained, in one line."""
+    world, batch = sampler.world_size, sampler.batch_size
+    leftover = (sampler.end - sampler.start) % sampler.step_size
+    per_process = leftover // world
+    if per_process == 0:
+        why = f"fewer than one per process for a last, smaller step on {world} processes"
+    elif sampler.last_batch == 0:
+        why = (
+            f"{per_process} per process for a last, smaller step, fewer than the "
+            f"{sampler.min_batch} that --norm {norm} trains on"
+        )
+    else:
+        why = (
+            f"a last, smaller step takes {per_process} per process, and {leftover % world} "
+            f"cannot be split evenly over {world} processes"
+        )
+    return (
+        f"epoch {epoch} resumed with {world} x {batch} images per step: the last "
+        f"{sampler.left_out} of its {sampler.end} images are left out of it ({leftover} left "
+        f"after its whole steps: {why})"
+    )
 
 
 @torch.no_grad()
@@ -983,12 +1068,6 @@ def run(args: argparse.Namespace, info: syncsn.distributed.DistInfo) -> int:
         if not args.test_only:
             check_epochs_left(path, start_epoch, args)
             totals = resumed_totals(ckpt, path, args, len(data.train_set))
-            # The schedules count this run's steps: as if every epoch had been run with
-            # this world size and batch size (no change where they are the checkpoint's).
-            schedule_step = start_epoch * steps_per_epoch + totals.images // (
-                args.batch_size * world
-            )
-            move_schedules(lr_scheduler, radius, schedule_step)
         log(f"resumed from {path}: continuing at {resume_description(ckpt, totals, args, world)}")
     if info.is_main and not args.test_only:
         prepare_output_dir(args.output_dir, path, start_epoch)

@@ -3,6 +3,7 @@ atomic and checksummed checkpoints, preemption signals, the progress display and
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -49,28 +50,48 @@ class ResumableSampler(Sampler[int]):
     ``world_size * batch_size`` samples, rank ``r`` taking the ``r``-th, ``(r + world_size)``-th,
     ... of them, so the samples trained after any number of steps are a prefix of that order:
     their count is a position in the epoch that means the same at every world size and batch
-    size. ``set_epoch(epoch, start)`` resumes after ``start`` samples. Only whole steps are
-    trained: the tail of the order that does not fill one (fewer than
-    ``world_size * batch_size`` samples) is left out of the epoch, as
-    ``DataLoader(drop_last=True)`` leaves it out of every epoch.
+    size.
 
-    Example: 8 samples; 2 ranks of 2 images stopped after one step (4 samples), resumed on
-    1 rank::
+    A fresh epoch trains whole steps only: the tail of the order that does not fill one
+    (fewer than ``world_size * batch_size`` samples) is left out, as
+    ``DataLoader(drop_last=True)`` leaves it out. ``set_epoch(epoch, start, end)`` resumes an
+    epoch after ``start`` samples and ends it at ``end`` (where the interrupted run would have
+    ended it); when what is left does not fill whole steps of this world size and batch size,
+    the last step is smaller: it splits the leftover evenly over the ranks (the fewer than
+    ``world_size`` samples that do not split are left out), provided each rank gets at least
+    ``min_batch`` samples (the smallest batch the model's normalization trains on); otherwise
+    the leftover is left out. :attr:`left_out` counts what is left out of ``[start, end)``.
 
-        >>> s = ResumableSampler(8, rank=0, world_size=1, batch_size=2, seed=0)
-        >>> s.set_epoch(0, start=4)
-        >>> len(s), s.steps  # the last 4 samples of epoch 0's order, in 2 steps
-        (4, 2)
+    Example: 24 samples; 1 rank of 6 images stopped after one step (6 samples), resumed with
+    4 images a step::
+
+        >>> s = ResumableSampler(24, rank=0, world_size=1, batch_size=4, seed=0)
+        >>> s.set_epoch(0, start=6, end=24)
+        >>> s.steps, s.last_batch, len(s), s.left_out  # 4 steps of 4, then one of 2
+        (5, 2, 18, 0)
     """
 
     def __init__(
-        self, num_samples: int, rank: int, world_size: int, batch_size: int, seed: int
+        self,
+        num_samples: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int,
+        min_batch: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if not 1 <= min_batch <= batch_size:
+            raise ValueError(f"min_batch must be in [1, {batch_size}], got {min_batch}")
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
-        self.batch_size, self.seed = batch_size, seed
-        self.epoch, self.start = 0, 0
+        self.batch_size, self.seed, self.min_batch = batch_size, seed, min_batch
+        self.set_epoch(0)
+
+    @property
+    def step_size(self) -> int:
+        """Samples of one whole step, over all ranks."""
+        return self.world_size * self.batch_size
 
     def order(self, epoch: int) -> list[int]:
         """The global order of ``epoch``: the same list on every rank and world size."""
@@ -78,23 +99,33 @@ class ResumableSampler(Sampler[int]):
         g.manual_seed(self.seed + epoch)
         return torch.randperm(self.num_samples, generator=g).tolist()
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Iterate ``epoch`` from sample ``start`` of its order (0: the whole epoch)."""
-        if not 0 <= start <= self.num_samples:
-            raise ValueError(f"start must be in [0, {self.num_samples}], got {start}")
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int, start: int = 0, end: int | None = None) -> None:
+        """Iterate ``epoch`` from sample ``start`` of its order (0: the whole epoch) up to
+        sample ``end`` (None: where a fresh epoch of this world size and batch size ends)."""
+        if end is None:
+            end = self.num_samples // self.step_size * self.step_size
+        if not 0 <= end <= self.num_samples:
+            raise ValueError(f"end must be in [0, {self.num_samples}], got {end}")
+        if not 0 <= start <= end:
+            raise ValueError(f"start must be in [0, {end}], got {start}")
+        self.epoch, self.start, self.end = epoch, start, end
+        whole, leftover = divmod(end - start, self.step_size)
+        last = leftover // self.world_size
+        # A step of fewer samples per rank than the normalization trains on would fail.
+        self.last_batch = last if last >= self.min_batch else 0
+        self.steps = whole + (1 if self.last_batch else 0)
+        self.stop = start + whole * self.step_size + self.last_batch * self.world_size
 
     @property
-    def steps(self) -> int:
-        """Steps left in the epoch from ``start``: the same on every rank."""
-        return (self.num_samples - self.start) // (self.world_size * self.batch_size)
+    def left_out(self) -> int:
+        """Samples of ``[start, end)`` that this epoch does not train."""
+        return self.end - self.stop
 
     def __iter__(self) -> Iterator[int]:
-        end = self.start + self.steps * self.world_size * self.batch_size
-        return iter(self.order(self.epoch)[self.start + self.rank : end : self.world_size])
+        return iter(self.order(self.epoch)[self.start + self.rank : self.stop : self.world_size])
 
     def __len__(self) -> int:
-        return self.steps * self.batch_size
+        return (self.stop - self.start) // self.world_size
 
 
 # --------------------------------------------------------------------------------------
@@ -118,13 +149,17 @@ def temporary_path(path: str) -> str:
     return os.path.join(directory, tmp)
 
 
-def _name_the_file(error: OSError, path: str) -> OSError:
-    """The error of a write to a temporary file, reported for the file it was to become
-    (a write that fails on a file object, such as ENOSPC, carries no file name at all)."""
-    if error.strerror is None:  # raised with a message only: keep it
-        return OSError(error.errno, str(error), path)
-    error.filename = path
-    return error
+class WriteError(OSError):
+    """An OSError of a write into a run's directory (a file written, replaced, moved or
+    removed; the directory or its lock created), naming the file. Errors of reads stay
+    plain OSErrors, so that a message can say which of the two failed."""
+
+
+def _name_the_file(error: OSError, path: str) -> WriteError:
+    """The error of a write, reported as a WriteError for the file it was to become (a
+    temporary file's name means nothing to a user, and a write that fails on a file
+    object, such as ENOSPC, carries no file name at all)."""
+    return WriteError(error.errno, error.strerror or str(error), path)
 
 
 def _os_error_behind(error: BaseException) -> OSError | None:
@@ -145,15 +180,20 @@ def atomic_write(path: str, write: Callable[[BinaryIO], Any], previous: str | No
     where the filesystem has none), so that one damaged checkpoint never leaves a run with
     nothing to resume from. ``path`` exists, old or new, at every moment.
     """
-    tmp = temporary_path(path)
+    tmp, created = temporary_path(path), False
     try:
         with open(tmp, "xb") as f:
+            created = True  # from here on, tmp is this call's to remove
             write(f)
             f.flush()
             os.fsync(f.fileno())
         if previous is not None and os.path.exists(path):
             _replace_with_link(path, previous)
         os.replace(tmp, path)
+        created = False
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except WriteError:
+        raise
     except OSError as e:
         raise _name_the_file(e, path) from None
     except RuntimeError as e:
@@ -162,9 +202,8 @@ def atomic_write(path: str, write: Callable[[BinaryIO], Any], previous: str | No
             raise
         raise _name_the_file(cause, path) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        if created:
+            _remove_quietly(tmp)
 
 
 def atomic_save(obj: Any, path: str, previous: str | None = None) -> None:
@@ -174,18 +213,33 @@ def atomic_save(obj: Any, path: str, previous: str | None = None) -> None:
 
 def _replace_with_link(src: str, dst: str) -> None:
     """Makes ``dst`` a second name of ``src``'s contents, replacing ``dst`` atomically."""
-    tmp = temporary_path(dst)
+    tmp, created = temporary_path(dst), False
     try:
         try:
             os.link(src, tmp)
+            created = True
+        except FileExistsError:  # another process's file: never copied over
+            raise
         except OSError:  # no hard links here (some network or FAT filesystems)
-            shutil.copyfile(src, tmp)
+            with open(src, "rb") as source, open(tmp, "xb") as copy:
+                created = True
+                shutil.copyfileobj(source, copy)
         os.replace(tmp, dst)
+        created = False
     except OSError as e:
         raise _name_the_file(e, dst) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if created:
+            _remove_quietly(tmp)
+
+
+def _remove_quietly(path: str) -> None:
+    """Removes a temporary file this process created, keeping the error being raised (if
+    removing fails too, the start-up clean-up of a later run removes it)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _fsync_dir(directory: str) -> None:
@@ -220,7 +274,12 @@ def remove_partial_files(directory: str, names: Sequence[str]) -> tuple[list[str
         if match is None or match["name"] not in names:
             continue
         if match["host"] == host and not _pid_alive(int(match["pid"])):
-            os.remove(os.path.join(directory, entry))
+            try:
+                os.remove(os.path.join(directory, entry))
+            except FileNotFoundError:  # another run's clean-up was first
+                continue
+            except OSError as e:
+                raise _name_the_file(e, os.path.join(directory, entry)) from None
             removed.append(entry)
         else:
             left.append(entry)
@@ -234,10 +293,13 @@ def move_aside(directory: str, names: Sequence[str]) -> str:
     dest, n = base, 1
     while os.path.exists(dest):
         dest, n = f"{base}-{n}", n + 1
-    os.makedirs(dest)
-    for name in names:
-        os.replace(os.path.join(directory, name), os.path.join(dest, name))
-    _fsync_dir(directory)
+    try:
+        os.makedirs(dest)
+        for name in names:
+            os.replace(os.path.join(directory, name), os.path.join(dest, name))
+        _fsync_dir(directory)
+    except OSError as e:
+        raise _name_the_file(e, e.filename or dest) from None
     return dest
 
 
@@ -317,6 +379,10 @@ class DirectoryLock:
     or the end of the process: the kernel drops it when the process dies however it dies
     (SIGKILL, OOM), so a killed run never blocks its own restart.
 
+    :meth:`acquire` creates the directory (and its missing parents) when needed. A run that
+    wrote nothing leaves no trace: when the directory holds nothing but the lock file that
+    :meth:`acquire` created, :meth:`release` removes that file and the directories it created.
+
     Example::
 
         lock = DirectoryLock("runs/a")
@@ -331,11 +397,31 @@ class DirectoryLock:
         self.directory = directory
         self.path = os.path.join(directory, LOCK_FILE)
         self._fd: int | None = None
+        self._created_dirs: list[str] = []  # deepest first
+        self._created_file = False
 
     def acquire(self) -> None:
         """Takes the lock at once or raises DirectoryInUse; then writes this process's
-        details into the lock file for the message a second run shows."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        details into the lock file for the message a second run shows. A failure to create
+        the directory or the lock file is a WriteError."""
+        missing, parent = [], os.path.abspath(self.directory)
+        while not os.path.exists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        fd = None
+        for _ in range(2):  # a second try if a run tidying up removes the directory meanwhile
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+                self._created_file = not os.path.exists(self.path)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                break
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise _name_the_file(e, e.filename or self.path) from None
+        if fd is None:
+            raise WriteError(errno.ENOENT, os.strerror(errno.ENOENT), self.path)
+        self._created_dirs = [d for d in missing if os.path.isdir(d)]
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -362,10 +448,22 @@ class DirectoryLock:
             raise _name_the_file(e, self.path) from None
 
     def release(self) -> None:
-        if self._fd is not None:
-            _HELD_LOCKS.discard(self._fd)
-            os.close(self._fd)
-            self._fd = None
+        """Drops the lock; first, while still holding it, removes the lock file and the
+        directories that :meth:`acquire` created if the run wrote nothing else there."""
+        if self._fd is None:
+            return
+        try:
+            if self._created_file and os.listdir(self.directory) == [LOCK_FILE]:
+                # A run starting now either opened this file before it goes (and finds it
+                # locked) or creates a new one (and the directory stays).
+                os.remove(self.path)
+                for directory in self._created_dirs:
+                    os.rmdir(directory)
+        except OSError:  # not empty after all, or gone: nothing to tidy
+            pass
+        _HELD_LOCKS.discard(self._fd)
+        os.close(self._fd)
+        self._fd = None
 
 
 def read_lock_holder(path: str) -> dict[str, Any]:
@@ -460,6 +558,10 @@ def load_checkpoint(path: str, required: Sequence[str] = ()) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for torn or foreign files
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EIO):
+            # Nothing says the file is damaged: reading it failed.
+            cause = f"{e.strerror or e} ({errno.errorcode[e.errno]})"
+            raise CheckpointError(path, f"cannot be read: {cause}") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             path, f"cannot be read ({size} bytes; torch.load: {reason}): truncated or damaged"
